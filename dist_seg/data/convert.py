@@ -1,0 +1,432 @@
+"""COCO instances dataset -> webdataset tar shards + manifest.json (the data contract, ARCHITECTURE.md §3).
+
+    dist-seg convert --coco ann.json --images DIR --out shards/train [--overlap area] [--workers 4]
+    python -m dist_seg.data.convert --coco ann.json --images DIR --out shards/train
+
+Samples are written in json order to a staging tar first; once the number of good samples is known, the staging
+tar is split into shards of near-equal sample counts. That keeps memory flat (one image per worker in flight)
+and makes shard contents independent of --workers, so re-runs are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dist_seg.data.coco import (
+    CROWD_POLICIES,
+    IGNORE_INDEX,
+    OVERLAP_POLICIES,
+    ClassMap,
+    ImageEntry,
+    Problem,
+    Report,
+    build_class_map,
+    class_count,
+    decode_instances,
+    index_dataset,
+    instance_count,
+    load_coco,
+    rasterise,
+    read_image,
+)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+DEFAULT_SAMPLES_PER_SHARD = 1000
+_STAGING = ".staging.tar"
+
+
+@dataclass
+class ConvertOptions:
+    coco: str
+    images: str
+    out: str
+    overlap: str = "area"
+    crowd: str = "include"
+    classes: list[str] | None = None
+    samples_per_shard: int | None = None
+    shard_size_mb: float | None = None
+    min_shards: int = 1
+    workers: int = 1
+    strict: bool = False
+    no_labels: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SampleResult:
+    key: str
+    members: list[tuple[str, bytes]]
+    class_pixels: np.ndarray | None  # int64 [256] pixel count per label value
+    instances_per_class: np.ndarray | None  # int64 [num_classes]
+    multi_instance: int
+    multi_class: int
+    actions: list[str]
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # fixed metadata so identical inputs give identical bytes
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def _png_bytes(label: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# Worker state, set once per process by _init_worker (fork or spawn both work).
+_W: dict[str, Any] = {}
+
+
+def _init_worker(images_dir: str, class_map: ClassMap, overlap: str, crowd: str, labels: bool) -> None:
+    _W.update(images_dir=Path(images_dir), class_map=class_map, overlap=overlap, crowd=crowd, labels=labels)
+
+
+def _process(entry: ImageEntry) -> tuple[SampleResult | None, Problem | None]:
+    decoded, problem = read_image(_W["images_dir"] / entry.file_name, entry)
+    if decoded is None:
+        return None, problem
+    meta: dict[str, Any] = {
+        "key": entry.key,
+        "image_id": entry.image_id,
+        "file_name": entry.file_name,
+        "width": decoded.width,
+        "height": decoded.height,
+        "image_format": decoded.ext,
+        "actions": decoded.actions,
+    }
+    members = [(f"{entry.key}.{decoded.ext}", decoded.data)]
+    result = SampleResult(entry.key, members, None, None, 0, 0, decoded.actions)
+    if _W["labels"]:
+        cm: ClassMap = _W["class_map"]
+        inst = decode_instances(entry)
+        label = rasterise(inst, entry.height, entry.width, _W["overlap"], _W["crowd"])
+        meta.update(instances=len(inst), dropped_annotations=entry.dropped_anns, overlap_policy=_W["overlap"])
+        members.append((f"{entry.key}.seg.png", _png_bytes(label)))
+        result.class_pixels = np.bincount(label.ravel(), minlength=256).astype(np.int64)
+        result.instances_per_class = np.bincount([i.cls for i in inst], minlength=cm.num_classes).astype(
+            np.int64
+        )
+        result.multi_instance = int((instance_count(inst, entry.height, entry.width) >= 2).sum())
+        result.multi_class = int((class_count(inst, entry.height, entry.width) >= 2).sum())
+    members.insert(1, (f"{entry.key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return result, None
+
+
+def _results(entries: list[ImageEntry], opts: ConvertOptions, class_map: ClassMap, labels: bool) -> Iterator:
+    """(result, problem) per entry in json order, with at most a few entries in flight per worker."""
+    init = (opts.images, class_map, opts.overlap, opts.crowd, labels)
+    if opts.workers <= 1:
+        _init_worker(*init)
+        yield from map(_process, entries)
+        return
+    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+        opts.workers, initializer=_init_worker, initargs=init
+    ) as pool:
+        pending: deque = deque()
+        it = iter(entries)
+        for e in it:
+            pending.append(pool.apply_async(_process, (e,)))
+            if len(pending) >= 4 * opts.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Stats:
+    def __init__(self, num_classes: int):
+        self.pixels = np.zeros(256, np.int64)
+        self.images = np.zeros(num_classes, np.int64)
+        self.image_pixels = np.zeros(num_classes, np.int64)
+        self.instances = np.zeros(num_classes, np.int64)
+        self.multi_instance = self.multi_class = self.images_with_overlap = self.annotations = 0
+
+    def add(self, r: SampleResult) -> None:
+        assert r.class_pixels is not None and r.instances_per_class is not None
+        n = len(self.images)
+        self.pixels += r.class_pixels
+        present = r.class_pixels[:n] > 0
+        self.images += present
+        self.image_pixels += present * int(r.class_pixels[:n].sum())
+        self.instances += r.instances_per_class
+        self.annotations += int(r.instances_per_class.sum())
+        self.multi_instance += r.multi_instance
+        self.multi_class += r.multi_class
+        self.images_with_overlap += r.multi_instance > 0
+
+
+def _plan_shards(n: int, total_bytes: int, opts: ConvertOptions) -> list[int]:
+    """Near-equal sample counts per shard honouring samples-per-shard, shard-size and min-shards."""
+    spp = opts.samples_per_shard
+    if spp is None and opts.shard_size_mb is None:
+        spp = DEFAULT_SAMPLES_PER_SHARD
+    k = max(1, opts.min_shards)
+    if spp is not None:
+        k = max(k, math.ceil(n / spp))
+    if opts.shard_size_mb is not None:
+        k = max(k, math.ceil(total_bytes / (opts.shard_size_mb * 1e6)))
+    if n < opts.min_shards:
+        raise ValueError(
+            f"--min-shards {opts.min_shards} needs at least that many samples; only {n} were converted"
+        )
+    k = min(k, n) if n > 0 else 1
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def _split_staging(staging: Path, out: Path, counts: list[int]) -> list[dict[str, Any]]:
+    shards = []
+    with tarfile.open(staging, "r") as src:
+        members = iter(src)
+        pending = next(members, None)
+        for i, count in enumerate(counts):
+            name = f"shard-{i:06d}.tar"
+            with tarfile.open(out / name, "w", format=tarfile.GNU_FORMAT) as dst:
+                for _ in range(count):
+                    assert pending is not None
+                    key = pending.name.split(".", 1)[0]
+                    while pending is not None and pending.name.split(".", 1)[0] == key:
+                        dst.addfile(pending, src.extractfile(pending))
+                        pending = next(members, None)
+            shards.append(
+                {
+                    "name": name,
+                    "samples": count,
+                    "bytes": (out / name).stat().st_size,
+                    "sha256": _sha256(out / name),
+                }
+            )
+    return shards
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert(opts: ConvertOptions) -> dict[str, Any]:
+    """Convert and return the manifest (also written to OUT/manifest.json)."""
+    if opts.overlap not in OVERLAP_POLICIES:
+        raise ValueError(f"--overlap {opts.overlap!r}: choose from {', '.join(OVERLAP_POLICIES)}")
+    if opts.crowd not in CROWD_POLICIES:
+        raise ValueError(f"--crowd {opts.crowd!r}: choose from {', '.join(CROWD_POLICIES)}")
+    if not Path(opts.images).is_dir():
+        raise ValueError(f"--images {opts.images}: not a directory")
+    coco = load_coco(opts.coco)
+    labels = "annotations" in coco and not opts.no_labels
+    class_map = build_class_map(coco["categories"], opts.classes)
+    warn = (
+        (lambda m: tqdm.write(m, file=sys.stderr)) if opts.progress else (lambda m: print(m, file=sys.stderr))
+    )
+    report = Report(strict=opts.strict, warn=warn)
+    entries = index_dataset(coco, class_map, report, opts.crowd)
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard-*.tar"):
+        old.unlink()  # a previous conversion with more shards must not leave stale ones behind
+    staging = out / _STAGING
+    stats = _Stats(class_map.num_classes)
+    written = total_bytes = 0
+    try:
+        with tarfile.open(staging, "w", format=tarfile.GNU_FORMAT) as tar:
+            bar = tqdm(
+                total=len(entries), unit="img", desc="convert", disable=not opts.progress, file=sys.stderr
+            )
+            for result, problem in _results(entries, opts, class_map, labels):
+                bar.update(1)
+                if result is None:
+                    report.problem(problem)
+                    continue
+                for name, data in result.members:
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                    total_bytes += len(data)
+                for action in result.actions:
+                    if action != "kept_original":
+                        report.repaired[action] += 1
+                if labels:
+                    stats.add(result)
+                written += 1
+            bar.close()
+        shards = _split_staging(staging, out, _plan_shards(written, total_bytes, opts))
+    finally:
+        staging.unlink(missing_ok=True)
+
+    manifest = _manifest(opts, coco, class_map, report, stats if labels else None, shards, written)
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest
+
+
+def _manifest(
+    opts: ConvertOptions,
+    coco: dict[str, Any],
+    class_map: ClassMap,
+    report: Report,
+    stats: _Stats | None,
+    shards: list[dict[str, Any]],
+    written: int,
+) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "format": "dist_seg.shards",
+        "format_version": FORMAT_VERSION,
+        "has_labels": stats is not None,
+        "num_classes": class_map.num_classes,
+        "ignore_index": IGNORE_INDEX,
+        "classes": class_map.to_json(),
+        "total_samples": written,
+        "shards": shards,
+        "source": {"coco": str(opts.coco), "images": str(opts.images)},
+        "counts": {
+            "images_in_json": len(coco["images"]),
+            "annotations_in_json": len(coco.get("annotations") or []),
+            "images_written": written,
+        },
+    }
+    if stats is not None:
+        n = class_map.num_classes
+        m["counts"]["annotations_used"] = stats.annotations
+        m["class_stats"] = [
+            {
+                "index": i,
+                "name": class_map.names[i],
+                "pixels": int(stats.pixels[i]),
+                "images": int(stats.images[i]),
+                "image_pixels": int(stats.image_pixels[i]),
+                "instances": int(stats.instances[i]),
+            }
+            for i in range(n)
+        ]
+        labelled = int(stats.pixels[:n].sum())
+        m["ignore_pixels"] = int(stats.pixels[IGNORE_INDEX])
+        m["overlap"] = {
+            "policy": opts.overlap,
+            "labelled_pixels": labelled,
+            "pixels_multi_instance": stats.multi_instance,
+            "pixels_multi_class": stats.multi_class,
+            "images_with_overlap": stats.images_with_overlap,
+        }
+    options = asdict(opts)
+    for k in ("coco", "images", "out", "workers", "progress"):
+        options.pop(k)  # where and how fast do not change the output
+    m["options"] = options
+    m["dropped"] = dict(sorted(report.dropped.items()))
+    m["repaired"] = dict(sorted(report.repaired.items()))
+    m["remapped"] = dict(sorted(report.remapped.items()))
+    return m
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """Load OUT/manifest.json; ValueError naming the path when it is missing or not a dist_seg manifest."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"no {MANIFEST_NAME} in {shard_dir} (convert the dataset with `dist-seg convert` first)"
+        )
+    m = json.loads(path.read_text())
+    if m.get("format") != "dist_seg.shards":
+        raise ValueError(f"{path} is not a dist_seg shard manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {m.get('format_version')} but this dist_seg reads {FORMAT_VERSION}"
+        )
+    return m
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-seg convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--coco", required=True, help="COCO instances json")
+    p.add_argument("--images", required=True, help="directory the json's file_name entries are relative to")
+    p.add_argument("--out", required=True, help="output directory for shard-NNNNNN.tar and manifest.json")
+    p.add_argument(
+        "--overlap", default="area", choices=OVERLAP_POLICIES, help="how overlapping instances are resolved"
+    )
+    p.add_argument(
+        "--crowd", default="include", choices=CROWD_POLICIES, help="crowd regions: paint, 255, or drop"
+    )
+    p.add_argument("--classes", default=None, help="comma-separated class names to keep, in this order")
+    p.add_argument("--samples-per-shard", type=int, default=None, help=f"default {DEFAULT_SAMPLES_PER_SHARD}")
+    p.add_argument("--shard-size-mb", type=float, default=None, help="target shard size in MB")
+    p.add_argument(
+        "--min-shards", type=int, default=1, help="at least this many shards (ranks x loader workers)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="parallel conversion processes")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping it")
+    p.add_argument(
+        "--no-labels", action="store_true", help="image-only shards (test split) even if annotated"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None
+    for flag, v in (
+        ("--samples-per-shard", a.samples_per_shard),
+        ("--min-shards", a.min_shards),
+        ("--workers", a.workers),
+    ):
+        if v is not None and v < 1:
+            print(f"dist-seg convert: {flag} must be >= 1", file=sys.stderr)
+            return 2
+    opts = ConvertOptions(
+        a.coco,
+        a.images,
+        a.out,
+        a.overlap,
+        a.crowd,
+        classes,
+        a.samples_per_shard,
+        a.shard_size_mb,
+        a.min_shards,
+        a.workers,
+        a.strict,
+        a.no_labels,
+        not a.quiet,
+    )
+    try:
+        m = convert(opts)
+    except ValueError as e:
+        print(f"dist-seg convert: error: {e}", file=sys.stderr)
+        return 1
+    size = sum(s["bytes"] for s in m["shards"]) / 1e6
+    problems = "; ".join(
+        f"{t}: " + ", ".join(f"{k}={v}" for k, v in m[t].items())
+        for t in ("dropped", "repaired", "remapped")
+        if m[t]
+    )
+    print(
+        f"converted {m['total_samples']} of {m['counts']['images_in_json']} images into {len(m['shards'])} shards "
+        f"({size:.1f} MB) in {a.out}; {problems or 'no problems found'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
