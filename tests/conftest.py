@@ -1,0 +1,48 @@
+"""Shared fixtures. Real datasets live in ../shared/data (read-only); tests skip when it is absent."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# (name, annotation json, image dir) of each shared dataset
+SHARED_DATASETS = [
+    ("trashcan_subset", "annotations/instances_train.json", "train"),
+    ("trashcan_subset_val", "annotations/instances_val.json", "val"),
+    ("icevision_coco6", "annotations.json", "images"),
+    ("labelme_voc3_coco", "annotations.json", "."),
+]
+
+
+def shared_dataset(name: str) -> tuple[Path, Path]:
+    """(json, image dir) of a shared dataset, or pytest.skip with the reason."""
+    for n, ann, img in SHARED_DATASETS:
+        if n == name:
+            root = SHARED_DATA / n.replace("_val", "")
+            if not (root / ann).is_file():
+                pytest.skip(f"shared dataset {root} is absent (tests need ../shared/data next to the repo)")
+            return root / ann, root / img
+    raise KeyError(name)
+
+
+def read_shards(shard_dir: Path) -> dict[str, dict[str, bytes]]:
+    """All samples of a shard directory: key -> {extension: bytes}, in shard order."""
+    out: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(Path(shard_dir).glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(data)))
