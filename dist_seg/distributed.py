@@ -1,0 +1,253 @@
+"""Every torch.distributed call and every torchrun environment variable lives here.
+
+The helpers are no-ops in a single process (plain `python -m dist_seg.train`), so the rest of the code never
+asks whether it is distributed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when running as a single process without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key train.device=cuda but no CUDA device is available")
+    if preference != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Start the process group from torchrun's environment, or describe a single process.
+
+    The rendezvous store is namespaced per torchrun attempt: after `--max-restarts`, a plain `env://` init can
+    read the previous attempt's gloo addresses and connect to a dead worker (ARCHITECTURE.md §5).
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_ADDR" not in os.environ:
+        return DistInfo(0, 0, 1, _pick_device(device_preference, 0), None)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(device_preference, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"attempt_{restart_count()}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return DistInfo(rank, local_rank, world, device, backend)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum_(t: torch.Tensor) -> None:
+    """In-place SUM across ranks (no-op in one process)."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank: all ranks take the same branch afterwards."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / dist.get_world_size()
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------- SyncBatchNorm
+class _CpuSyncBNFunction(torch.autograd.Function):
+    """Batch norm whose statistics and input gradients span all ranks; the same math as torch's SyncBatchNorm.
+
+    Forward all-reduces per-channel (sum, sum of squares, count); backward all-reduces the per-channel sums of
+    dy and dy * (x - mean). Weight/bias gradients stay local: DDP averages them like any other parameter.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):  # type: ignore[override]
+        dtype = x.dtype
+        x32 = x.float()
+        c = x32.shape[1]
+        dims = [d for d in range(x32.dim()) if d != 1]
+        local_n = x32.numel() // c
+        stats = torch.cat(
+            [
+                x32.sum(dims).double(),
+                (x32 * x32).sum(dims).double(),
+                torch.tensor([float(local_n)], dtype=torch.float64),
+            ]
+        )
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+            unbiased = var * n / (n - 1).clamp_min(1)
+            running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+        mean32, invstd = mean.float(), torch.rsqrt(var.float() + eps)
+        shape = [1, c] + [1] * (x32.dim() - 2)
+        xhat = (x32 - mean32.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.n = float(n)
+        ctx.in_dtype = dtype
+        return (xhat * weight.float().view(shape) + bias.float().view(shape)).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        xhat, invstd, weight = ctx.saved_tensors
+        dy = grad_out.float()
+        c = dy.shape[1]
+        dims = [d for d in range(dy.dim()) if d != 1]
+        shape = [1, c] + [1] * (dy.dim() - 2)
+        local_sum_dy = dy.sum(dims)
+        local_sum_dy_xhat = (dy * xhat).sum(dims)
+        grad_weight, grad_bias = local_sum_dy_xhat.to(weight.dtype), local_sum_dy.to(weight.dtype)
+        sums = torch.cat([local_sum_dy, local_sum_dy_xhat])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        mean_dy, mean_dy_xhat = (sums[:c] / ctx.n).view(shape), (sums[c:] / ctx.n).view(shape)
+        scale = (weight.float() * invstd).view(shape)
+        grad_in = scale * (dy - mean_dy - xhat * mean_dy_xhat)
+        return grad_in.to(ctx.in_dtype), grad_weight, grad_bias, None, None, None, None
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """SyncBatchNorm for CPU process groups (torch's module refuses CPU tensors). Eval mode = plain BN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _active()):
+            return super().forward(x)
+        if self.momentum is None or not self.affine or not self.track_running_stats:
+            raise ValueError(
+                "CpuSyncBatchNorm needs affine=True, track_running_stats=True and a fixed momentum"
+            )
+        self.num_batches_tracked.add_(1)
+        return _CpuSyncBNFunction.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum
+        )
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm: torch's on accelerators, CpuSyncBatchNorm on CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_cpu(model)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+        new = CpuSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        if module.affine:
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _convert_cpu(child))
+    return module
+
+
+def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool) -> nn.Module:
+    """SyncBN (world > 1 and asked for), then DDP (world > 1). The model must already be on info.device."""
+    if info.world_size == 1:
+        return model
+    if sync_bn:
+        model = convert_sync_batchnorm(model, info.device)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def no_sync_if(model: nn.Module, skip_sync: bool) -> Any:
+    """DDP's no_sync() for the non-final micro-steps of gradient accumulation; a null context otherwise."""
+    import contextlib
+
+    if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def reducer(device: torch.device) -> Callable[[torch.Tensor], None]:
+    """An in-place SUM all-reduce usable by metrics.ConfusionMatrix.reduce_."""
+    del device
+    return all_reduce_sum_

@@ -1,0 +1,27 @@
+"""distributed.py: single-process no-ops, and CPU SyncBatchNorm equal to BatchNorm over the global batch."""
+
+from __future__ import annotations
+
+import torch
+from launch_utils import REPO, torchrun
+
+from dist_seg import distributed as D
+
+
+def test_single_process_helpers_are_noops(monkeypatch) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    info = D.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.backend, info.device.type) == (0, 1, None, "cpu")
+    t = torch.tensor([3.0])
+    D.all_reduce_sum_(t)
+    assert t.item() == 3.0 and D.any_rank(True, info.device) and not D.any_rank(False, info.device)
+    assert D.all_gather_object({"a": 1}) == [{"a": 1}]
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert D.wrap_model(model, info, sync_bn=True) is model  # no SyncBN, no DDP in one process
+
+
+def test_cpu_syncbn_two_ranks_equal_batchnorm_on_full_batch() -> None:
+    r = torchrun([str(REPO / "tests/workers/syncbn_worker.py")], nproc=2, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("OK") == 2, r.stdout
