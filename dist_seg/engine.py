@@ -1,0 +1,381 @@
+"""The training loop: fit() -> epochs of train_step(), evaluate(), checkpoints. Read it top to bottom.
+
+Step arithmetic: one optimizer step consumes train.grad_accum loader batches on every rank, i.e.
+data.batch_size x world_size x train.grad_accum images. Every rank runs exactly the same number of steps
+(the loader guarantees the batch count), so DDP never waits on a rank that ran out of data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_seg import distributed as D
+from dist_seg import faults
+from dist_seg.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from dist_seg.config import Config, save_config, to_dict, to_yaml
+from dist_seg.data.stream import build_eval_loader, build_train_loader, resolve_shards
+from dist_seg.data.transforms import denormalize
+from dist_seg.losses import build_loss, load_class_weights
+from dist_seg.metrics import ConfusionMatrix, to_jsonable
+from dist_seg.models import build_model, input_constraints
+from dist_seg.optim import build_optimizer, build_scheduler, format_groups
+from dist_seg.tb import TBLogger
+from dist_seg.viz import class_palette
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batch_in_epoch: int = 0  # loader batches of this epoch already consumed
+    best_miou: float = -1.0
+    nonfinite_streak: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    clip_grad: float | None
+    channels_last: bool
+    max_nonfinite: int
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    loss_scale: float
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    t = t.to(device, non_blocking=True)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> StepOutput:
+    """One optimizer step over len(batches) micro-batches (gradient accumulation)."""
+    ctx.model.train()
+    total = torch.zeros((), device=ctx.device)
+    for i, (images, masks) in enumerate(batches):
+        images, masks = to_device(images, ctx.device, ctx.channels_last), to_device(masks, ctx.device)
+        # gradients are all-reduced only on the last micro-step
+        with D.no_sync_if(ctx.model, i < len(batches) - 1), autocast(ctx.device, ctx.amp_dtype):
+            loss = ctx.loss_fn(ctx.model(images), masks) / len(batches)
+            loss = faults.poison_loss(loss, step)
+            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+        total += loss.detach().float()
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+    max_norm = ctx.clip_grad if ctx.clip_grad is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, max_norm)
+    # every rank takes the same branch: a rank that stepped alone would desynchronise the replicas
+    nonfinite = D.any_rank(not bool(torch.isfinite(total) & torch.isfinite(grad_norm)), ctx.device)
+    if nonfinite:
+        if ctx.scaler is not None:  # what GradScaler does on inf/NaN: skip and back off the scale
+            ctx.scaler.update(ctx.scaler.get_scale() * ctx.scaler.get_backoff_factor())
+    elif ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scheduler.step()
+    scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
+    return StepOutput(float(total), float(grad_norm), nonfinite, float(scale))
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: Any, num_classes: int, ignore_index: int, device: torch.device,
+    amp_dtype: torch.dtype | None, channels_last: bool = False, keep: int = 0,
+) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Exact distributed evaluation: a per-rank int64 confusion matrix, all-reduced once at the end.
+
+    Ranks may see different numbers of batches, so nothing here communicates per batch. `keep` returns the
+    first images of this rank as (image, target, prediction) for visualisation.
+    """
+    model = D.unwrap(model)
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for batch in loader:
+        images = to_device(batch["images"], device, channels_last)
+        masks = to_device(batch["masks"], device)
+        with autocast(device, amp_dtype):
+            pred = model(images).argmax(1)
+        cm.update(pred, masks)
+        for i in range(min(keep - len(kept), len(images))):
+            h, w = batch["sizes"][i]
+            kept.append((batch["images"][i, :, :h, :w], batch["masks"][i, :h, :w], pred[i, :h, :w].cpu()))
+    cm.reduce_(D.all_reduce_sum_)
+    return cm, kept
+
+
+def _log(info: D.DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(msg, flush=True)
+
+
+def _checkpoint_state(cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, names: list[str]) -> dict:
+    rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
+    return {
+        "model": D.unwrap(ctx.model).state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict(),
+        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else {},
+        "train_state": state.state_dict(),
+        "rng": rng,
+        "config": to_dict(cfg),
+        "model_name": cfg.model.name,
+        "num_classes": num_classes,
+        "class_names": names,
+    }
+
+
+def _resume(path: Path, cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, rank: int) -> None:
+    ck = load_checkpoint(path, map_location="cpu")
+    if ck.get("model_name") != cfg.model.name or ck.get("num_classes") != num_classes:
+        raise ValueError(
+            f"checkpoint {path} holds model {ck.get('model_name')!r} with {ck.get('num_classes')} classes, "
+            f"but the config asks for {cfg.model.name!r} with {num_classes} classes"
+        )
+    D.unwrap(ctx.model).load_state_dict(ck["model"])
+    ctx.optimizer.load_state_dict(ck["optimizer"])
+    ctx.scheduler.load_state_dict(ck["scheduler"])
+    if ctx.scaler is not None and ck["scaler"]:
+        ctx.scaler.load_state_dict(ck["scaler"])
+    state.load_state_dict(ck["train_state"])
+    if rank < len(ck["rng"]):
+        restore_rng_state(ck["rng"][rank])
+
+
+def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], Any, int]:
+    """Model, optimizer, scheduler, scaler, loss and the train loader, ready to step."""
+    _, manifest = resolve_shards(cfg.data.train_shards)
+    num_classes = cfg.model.num_classes or manifest["num_classes"]
+    if num_classes != manifest["num_classes"]:
+        raise ValueError(
+            f"config key model.num_classes={num_classes} but the training manifest has {manifest['num_classes']} classes"
+        )
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg.model, num_classes).to(info.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_bn and info.world_size > 1:
+        model = D.convert_sync_batchnorm(model, info.device)  # before the optimizer sees the parameters
+    optimizer, groups = build_optimizer(model, cfg.optim)
+    _log(info, format_groups(groups))
+    model = D.wrap_model(model, info, cfg.train.sync_bn)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    loader = build_train_loader(cfg.data, info.rank, info.world_size, cfg.train.seed)
+    steps_per_epoch = loader.steps_per_epoch // cfg.train.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{manifest['total_samples']} training samples are fewer than one optimizer step needs "
+            f"(data.batch_size={cfg.data.batch_size} x {info.world_size} ranks x train.grad_accum={cfg.train.grad_accum})"
+        )
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    weights = load_class_weights(cfg.loss.class_weights, manifest, num_classes)
+    ctx = StepContext(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.sched, total_steps),
+        scaler=torch.amp.GradScaler(info.device.type) if cfg.train.amp == "fp16" else None,
+        loss_fn=build_loss(cfg.loss, num_classes, weights).to(info.device),
+        device=info.device,
+        amp_dtype=amp_dtype,
+        clip_grad=cfg.train.clip_grad,
+        channels_last=cfg.train.channels_last,
+        max_nonfinite=cfg.train.max_nonfinite,
+        params=[p for p in model.parameters() if p.requires_grad],
+    )
+    manifest["steps_per_epoch"], manifest["total_steps"] = steps_per_epoch, total_steps
+    return ctx, manifest, loader, num_classes
+
+
+def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
+    """Train as configured; returns the last evaluation's metrics."""
+    out = Path(cfg.train.out_dir)
+    ctx, manifest, loader, num_classes = _build(cfg, info)
+    names = [c["name"] for c in manifest["classes"]]
+    steps_per_epoch, total_steps = manifest["steps_per_epoch"], manifest["total_steps"]
+    ckpts = CheckpointManager(out, cfg.train.keep_last)
+    state = TrainState()
+    resume = ckpts.resume_path(cfg.train.resume)
+    if resume is not None:
+        _resume(resume, cfg, ctx, state, num_classes, info.rank)
+        _log(info, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    tb = TBLogger(out / "tb", enabled=info.is_main, purge_step=state.step + 1 if resume is not None else None)
+    tb.text("config", to_yaml(cfg), preformatted=True)
+    _log(info, f"{info.world_size} process(es) on {info.device}; {manifest['total_samples']} training samples; "
+         f"{steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * info.world_size * cfg.train.grad_accum}; "
+         f"{total_steps} steps")
+    metrics: dict[str, Any] = {}
+    window = _Window()
+    t_start = time.perf_counter()
+    step_at_start = state.step
+    while state.step < total_steps:
+        loader.set_epoch(state.epoch)
+        it = iter(loader)
+        for _ in range(state.batch_in_epoch):  # resume inside an epoch: replay the same data order
+            next(it)
+        while state.batch_in_epoch < steps_per_epoch * cfg.train.grad_accum and state.step < total_steps:
+            faults.on_step(state.step + 1, info.rank)
+            t0 = time.perf_counter()
+            batches = [next(it) for _ in range(cfg.train.grad_accum)]
+            t1 = time.perf_counter()
+            out_step = train_step(ctx, [(b["images"], b["masks"]) for b in batches], state.step + 1)
+            state.step += 1
+            state.batch_in_epoch += cfg.train.grad_accum
+            state.nonfinite_streak = state.nonfinite_streak + 1 if out_step.skipped else 0
+            if state.nonfinite_streak >= cfg.train.max_nonfinite:
+                raise RuntimeError(
+                    f"non-finite loss or gradients at step {state.step}: {state.nonfinite_streak} consecutive "
+                    f"steps skipped (train.max_nonfinite={cfg.train.max_nonfinite}); stopping on every rank"
+                )
+            window.add(out_step, t1 - t0, time.perf_counter() - t0, int(batches[-1].get("skipped", 0)))
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                _log_window(cfg, info, ctx, tb, window, state, total_steps, t_start, step_at_start)
+            epoch_done = state.batch_in_epoch >= steps_per_epoch * cfg.train.grad_accum
+            if epoch_done:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            do_eval = (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or (
+                cfg.train.eval_every is None and epoch_done) or state.step == total_steps
+            is_best = False
+            if do_eval and cfg.data.val_shards:
+                metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
+                is_best = metrics["miou"] > state.best_miou
+                state.best_miou = max(state.best_miou, metrics["miou"])
+            if epoch_done or do_eval or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+                ck = _checkpoint_state(cfg, ctx, state, num_classes, names)
+                if info.is_main:
+                    ckpts.before_rename = lambda _tmp, s=state.step: faults.before_checkpoint_rename(s)
+                    ckpts.save(ck, state.step, is_best)
+            if epoch_done:
+                break
+    if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics
+        metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
+    if info.is_main and metrics:
+        tb.hparams({"model": cfg.model.name, "width_mult": cfg.model.width_mult, "lr": cfg.optim.lr,
+                    "batch_size": cfg.data.batch_size, "world_size": info.world_size, "amp": cfg.train.amp},
+                   {"hparam/miou": metrics["miou"]})
+    tb.close()
+    return metrics
+
+
+class _Window:
+    """Sums between two progress lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.loss = self.grad_norm = self.wait = self.time = 0.0
+        self.scale, self.skipped_samples = 1.0, 0
+        self.t0 = time.perf_counter()
+
+    def add(self, o: StepOutput, wait: float, dt: float, skipped_samples: int) -> None:
+        self.n += 1
+        if not o.skipped:
+            self.loss += o.loss
+            self.grad_norm += o.grad_norm
+        self.wait += wait
+        self.time += dt
+        self.scale, self.skipped_samples = o.loss_scale, skipped_samples
+
+
+def _log_window(cfg: Config, info: D.DistInfo, ctx: StepContext, tb: TBLogger, w: _Window, state: TrainState,
+                total_steps: int, t_start: float, step_at_start: int) -> None:
+    loss = D.mean_across_ranks(w.loss / max(w.n, 1), info.device)
+    skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), info.device) * info.world_size))
+    elapsed = time.perf_counter() - w.t0
+    ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * info.world_size / max(elapsed, 1e-9)
+    values = {"train/loss": loss, "train/grad_norm": w.grad_norm / max(w.n, 1), "train/loss_scale": w.scale,
+              "train/images_per_s": ips, "train/data_wait_frac": w.wait / max(w.time, 1e-9),
+              "train/skipped_samples": skipped}
+    for g in ctx.optimizer.param_groups:
+        values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
+    if info.device.type == "cuda":
+        values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    tb.scalars(values, state.step)
+    done = state.step - step_at_start
+    eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - state.step)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    _log(info, f"step {state.step}/{total_steps} epoch {state.epoch} loss {loss:.4f} lr {lr:.2e} "
+         f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {_hms(eta)}")
+    w.reset()
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _evaluate_and_log(cfg: Config, info: D.DistInfo, ctx: StepContext, tb: TBLogger, step: int,
+                      num_classes: int, names: list[str]) -> dict[str, Any]:
+    divisor, min_size = input_constraints(ctx.model)
+    loader = build_eval_loader(cfg.data, info.rank, info.world_size, divisor, min_size)
+    keep = cfg.train.num_vis_images if info.is_main else 0
+    cm, kept = evaluate(ctx.model, loader, num_classes, cfg.loss.ignore_index, info.device, ctx.amp_dtype,
+                        cfg.train.channels_last, keep)
+    metrics = cm.compute(names)
+    if info.is_main:
+        tb.scalars({"val/miou": metrics["miou"], "val/pixel_acc": metrics["pixel_acc"],
+                    "val/mean_acc": metrics["mean_acc"], "val/image_miou": metrics["image_miou"]}, step)
+        tb.scalars({f"val/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step)
+        if kept:
+            images = torch.stack([denormalize(k[0], cfg.data) for k in _same_size(kept)])
+            tb.image_triplets(images, torch.stack([k[1] for k in _same_size(kept)]),
+                              torch.stack([k[2] for k in _same_size(kept)]), class_palette(num_classes), step)
+        tb.confusion(cm.matrix.cpu().numpy(), names, step)
+        tb.flush()
+        out = Path(cfg.train.out_dir)
+        (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
+        with open(out / "metrics_history.jsonl", "a") as f:
+            f.write(json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}})) + "\n")
+        _log(info, f"eval step {step}: mIoU {metrics['miou']:.4f} pixel acc {metrics['pixel_acc']:.4f} "
+             f"mean acc {metrics['mean_acc']:.4f}")
+    return metrics
+
+
+def _same_size(kept: list) -> list:
+    """Visualised images must stack: keep those with the first one's size."""
+    h, w = kept[0][1].shape
+    return [k for k in kept if k[1].shape == (h, w)]
