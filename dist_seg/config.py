@@ -303,3 +303,32 @@ def from_dict(d: dict[str, Any]) -> Config:
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
+
+
+def reference_markdown() -> str:
+    """The config reference (every key, default and docstring) as a markdown table, for the README."""
+    import ast
+    import inspect
+
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else globals()[section.type]
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        docs = {}
+        for node, nxt in zip(body, body[1:] + [None], strict=True):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+        defaults = getattr(Config(), section.name)
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            shown = "[]" if value == [] else ("null" if value is None else value)
+            doc = docs.get(f.name, "").replace("|", "/")
+            rows.append(f"| `{section.name}.{f.name}` | `{shown}` | {doc} |")
+    rows.append("")
+    rows.append("`optim.groups` entries: `params` (fnmatch pattern on parameter names), `lr_mult`, `weight_decay`.")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

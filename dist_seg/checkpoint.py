@@ -1,0 +1,265 @@
+"""Checkpoints: atomic writes, safe loads, RNG state, and the last/best/step-stamped file set of a run.
+
+A checkpoint is written to a hidden temp file in the target's directory, flushed, fsynced and renamed over
+the target, then the directory is fsynced: a crash at any moment leaves either the old file or the new one,
+never a torn one. Loading uses `torch.load(weights_only=True)` only, so a checkpoint can hold tensors,
+numbers, strings, lists, tuples and dicts but never executes code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
+_TEMP_GLOB = ".*.tmp"
+
+BeforeRename = Callable[[Path], None]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; some platforms/filesystems cannot open a directory, which is harmless.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Any, before_rename: BeforeRename | None = None) -> None:
+    """Run `write(fileobj)` into a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            recorder = _RecordingWriter(f)
+            try:
+                write(recorder)
+            except RuntimeError as e:
+                if recorder.error is None:
+                    raise RuntimeError(f"cannot write checkpoint {path}: {e}") from e
+                raise recorder.error from e
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(Path(tmp))
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], before_rename: BeforeRename | None = None) -> None:
+    """Atomically write `state` to `path`; on failure the previous file at `path` is untouched and the
+    error (OSError or RuntimeError) names `path`.
+
+    `before_rename(temp_path)` runs once the data is durable but not yet renamed: a fault-injection point
+    (a crash there must leave the previous checkpoint in place), None in normal runs.
+    """
+    _write_atomic(Path(path), lambda f: torch.save(state, f), before_rename)
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; anything else (missing, torn, not a dict, or a pickle
+    that references code) raises a ValueError or RuntimeError naming `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling, zip and storage errors all mean the same thing here
+        raise RuntimeError(f"{path} is not a loadable checkpoint: {_describe_load_error(e)}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _describe_load_error(e: Exception) -> str:
+    text = str(e)
+    # torch's weights_only refusal is a long advice text; the useful part is the unpickler's reason.
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n\n|$)", text, flags=re.S)
+    if m:
+        return f"weights_only loading refused it ({m.group(1).strip()}); nothing in the file was executed"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+class _RecordingWriter:
+    """File wrapper that remembers the OSError of a failed write: torch's zip writer turns it into an
+    uninformative RuntimeError ("unexpected pos"), and the errno (ENOSPC, EFBIG, EIO) is what users need."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python `random`, numpy's global RNG, torch CPU and every CUDA device, using only types
+    that `weights_only=True` loads (tensors, ints, floats, strings, None)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`. CUDA states are restored for the devices both runs have; a CUDA state
+    saved on a machine without CUDA here (or the reverse) only warns."""
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["mt"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, int(n["pos"]), int(n["has_gauss"]), float(n["gauss"])))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    if not torch.cuda.is_available():
+        warnings.warn(
+            "checkpoint holds CUDA RNG states but CUDA is not available; not restored", stacklevel=2
+        )
+        return
+    count = min(len(cuda), torch.cuda.device_count())
+    if count != len(cuda) or count != torch.cuda.device_count():
+        warnings.warn(
+            f"checkpoint holds {len(cuda)} CUDA RNG states, this machine has "
+            f"{torch.cuda.device_count()} devices; restoring the first {count}",
+            stacklevel=2,
+        )
+    for i in range(count):
+        torch.cuda.set_rng_state(cuda[i].cpu(), device=i)
+
+
+class CheckpointManager:
+    """The checkpoint files of one run directory.
+
+    `last.pt` is rewritten at every save; `step-XXXXXXXX.pt` copies are kept for the newest `keep_last`
+    steps (none when keep_last is 0); `best.pt` is a copy made when `is_best`. Copies are byte copies of
+    `last.pt` (no second serialisation), each written atomically. Only the writing rank (rank 0) calls
+    `save`; every rank may call `resume_path`.
+    """
+
+    def __init__(self, out_dir: Path, keep_last: int, before_rename: BeforeRename | None = None) -> None:
+        if keep_last < 0:
+            raise ValueError(f"config key train.keep_last={keep_last}: must be >= 0")
+        self.out_dir = Path(out_dir)
+        self.keep_last = keep_last
+        self._cleaned = False
+        self.before_rename = before_rename  # fault-injection point for last.pt, see save_checkpoint
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def step_path(self, step: int) -> Path:
+        return self.out_dir / f"step-{step:08d}.pt"
+
+    def save(self, state: dict[str, Any], step: int, is_best: bool) -> Path:
+        """Write `last.pt` (and the step copy, and `best.pt` when `is_best`); returns the path of last.pt."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot create checkpoint directory {self.out_dir}: {e.strerror or e}"
+            ) from e
+        if not self._cleaned:
+            self.clean_temp_files()
+            self._cleaned = True
+        save_checkpoint(self.last, state, self.before_rename)
+        if self.keep_last > 0:
+            self._copy(self.last, self.step_path(step))
+            self.prune()
+        if is_best:
+            self._copy(self.last, self.best)
+        return self.last
+
+    def _copy(self, src: Path, dst: Path) -> None:
+        with open(src, "rb") as fsrc:
+            _write_atomic(dst, lambda f: shutil.copyfileobj(fsrc, f, length=16 << 20))
+
+    def step_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of the step-stamped checkpoints, oldest first."""
+        found = []
+        if self.out_dir.is_dir():
+            for p in self.out_dir.iterdir():
+                m = _STEP_FILE.match(p.name)
+                if m and p.is_file():
+                    found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def prune(self) -> None:
+        """Delete step-stamped checkpoints beyond the newest `keep_last` (by step number)."""
+        files = self.step_files()
+        for _, p in files[: max(len(files) - self.keep_last, 0)]:
+            p.unlink(missing_ok=True)
+
+    def clean_temp_files(self) -> list[Path]:
+        """Remove temp files left by an interrupted write; returns what was removed."""
+        removed = []
+        if self.out_dir.is_dir():
+            for p in self.out_dir.glob(_TEMP_GLOB):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
+
+    def resume_path(self, resume: str | None) -> Path | None:
+        """`train.resume`: "auto" -> out_dir/last.pt when it exists (temp files of a crashed write are never
+        considered), else None; a path -> that file, which must exist; None -> None."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.last if self.last.is_file() else None
+        path = Path(resume)
+        if not path.is_file():
+            raise ValueError(f"config key train.resume={resume!r}: checkpoint file not found: {path}")
+        return path

@@ -1,0 +1,147 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_seg.classweights import median_frequency_weights
+from dist_seg.config import LossConfig
+from dist_seg.losses import CELoss, FocalLoss, build_loss, load_class_weights, soft_dice_loss
+
+IGN = 255
+
+
+def _data(n=2, c=4, h=5, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, h, w, generator=g)
+    target = torch.randint(0, c, (n, h, w), generator=g)
+    target[0, :2] = IGN
+    return logits, target
+
+
+def test_median_frequency_by_hand():
+    # freq = 10/100, 30/60, unseen, 5/50 = 0.1, 0.5, -, 0.1 -> median of seen = 0.1
+    assert median_frequency_weights([10, 30, 0, 5], [100, 60, 0, 50]) == pytest.approx([1.0, 0.2, 0.0, 1.0])
+    # freq 0.1 .. 0.4: even count, median 0.25
+    assert median_frequency_weights([1, 2, 3, 4], [10] * 4) == pytest.approx([2.5, 1.25, 0.25 / 0.3, 0.625])
+
+
+def test_median_frequency_rejects_bad_counts():
+    with pytest.raises(ValueError, match="2 pixel counts but 3"):
+        median_frequency_weights([1, 2], [3, 4, 5])
+    with pytest.raises(ValueError, match="class 1 has 9 pixels"):
+        median_frequency_weights([1, 9], [5, 5])
+    with pytest.raises(ValueError, match="no class"):
+        median_frequency_weights([0, 0], [0, 0])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ce_equals_torch(weighted, smoothing):
+    logits, target = _data()
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.25]) if weighted else None
+    loss = build_loss(LossConfig(name="ce", label_smoothing=smoothing), 4, weights)(logits, target)
+    expected = F.cross_entropy(logits, target, weight=weights, ignore_index=IGN, label_smoothing=smoothing)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce", "ce+dice", "focal"])
+def test_all_ignored_gives_zero_with_gradient(name):
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.full((2, 4, 4), IGN, dtype=torch.int64)
+    loss = build_loss(LossConfig(name=name, label_smoothing=0.1), 3, torch.tensor([1.0, 2.0, 3.0]))(
+        logits, target
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("name", ["ce", "ce+dice", "focal"])
+def test_low_precision_logits_compute_in_float32(name):
+    logits, target = _data()
+    loss_fn = build_loss(LossConfig(name=name), 4)
+    ref = loss_fn(logits, target)
+    big = (logits * 2000).to(torch.bfloat16).requires_grad_()  # far beyond fp16's range when exponentiated
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss_fn(big, target)
+        low = loss_fn(logits.to(torch.bfloat16), target)
+    out.backward()
+    assert out.dtype == torch.float32 and torch.isfinite(out) and torch.isfinite(big.grad).all()
+    assert low.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def test_dice_perfect_prediction_is_near_zero():
+    _, target = _data(c=3)
+    valid = target != IGN
+    onehot = F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    perfect = soft_dice_loss(onehot * 30.0, target, valid)
+    wrong = soft_dice_loss(onehot.roll(1, dims=1) * 30.0, target, valid)
+    assert 0.0 <= perfect.item() < 1e-4
+    assert wrong.item() > 0.9
+
+
+def test_ce_dice_adds_weighted_dice():
+    logits, target = _data()
+    ce = build_loss(LossConfig(name="ce"), 4)(logits, target)
+    both = build_loss(LossConfig(name="ce+dice", dice_weight=0.5), 4)(logits, target)
+    dice = soft_dice_loss(logits, target, target != IGN)
+    assert both.item() == pytest.approx(ce.item() + 0.5 * dice.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_gamma_zero_equals_ce(weighted):
+    logits, target = _data()
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.25]) if weighted else None
+    focal = FocalLoss(4, class_weights=weights, gamma=0.0)(logits, target)
+    ce = CELoss(4, class_weights=weights)(logits, target)
+    assert focal.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_focal_by_hand():
+    # logits [0, ln 3] -> p = [1/4, 3/4]; pixel 1 targets class 1, pixel 2 targets class 0.
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]]).T.reshape(1, 2, 1, 2)
+    target = torch.tensor([[[1, 0]]])
+    expected = (-(0.25**2) * math.log(0.75) - (0.75**2) * math.log(0.25)) / 2
+    assert FocalLoss(2, gamma=2.0)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_build_loss_rejects_bad_settings():
+    with pytest.raises(ValueError, match="loss.name"):
+        build_loss(LossConfig(name="hinge"), 3)
+    with pytest.raises(ValueError, match="shape"):
+        build_loss(LossConfig(), 3, torch.ones(4))
+    with pytest.raises(ValueError, match="focal_gamma"):
+        build_loss(LossConfig(name="focal", focal_gamma=-1.0), 3)
+
+
+def test_load_class_weights(tmp_path):
+    assert load_class_weights(None, None, 3) is None
+    manifest = {
+        "class_stats": [
+            {"index": 1, "name": "a", "pixels": 30, "images": 2, "image_pixels": 60},
+            {"index": 0, "name": "bg", "pixels": 10, "images": 3, "image_pixels": 100},
+            {"index": 2, "name": "b", "pixels": 5, "images": 1, "image_pixels": 50},
+        ]
+    }
+    # freq 0.1, 0.5, 0.1 -> median 0.1
+    assert load_class_weights("auto", manifest, 3).tolist() == pytest.approx([1.0, 0.2, 1.0])
+    with pytest.raises(ValueError, match="manifest"):
+        load_class_weights("auto", None, 3)
+
+    plain = tmp_path / "w.json"
+    plain.write_text(json.dumps([1, 2.5, 0.5]))
+    assert load_class_weights(str(plain), None, 3).tolist() == [1.0, 2.5, 0.5]
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"num_images": 4, "suggested_class_weights": [0.5, 2.0]}))
+    assert load_class_weights(str(summary), None, 2).tolist() == [0.5, 2.0]
+    with pytest.raises(ValueError, match=r"summary\.json has 2 weights, expected 3"):
+        load_class_weights(str(summary), None, 3)
+    with pytest.raises(ValueError, match="not found.*nope.json"):
+        load_class_weights(str(tmp_path / "nope.json"), None, 3)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"weights": [1]}))
+    with pytest.raises(ValueError, match="bad.json"):
+        load_class_weights(str(bad), None, 1)
