@@ -1,0 +1,114 @@
+"""`dist-seg info --config CFG [key=value ...] [--json]`: model size, forward FLOPs and optimizer groups.
+
+The model is built on the meta device (no memory, no weights; model.pretrained is not loaded), so even the
+full-width DeconvNet is described in about a second. FLOPs are torch.utils.flop_counter's count of one
+forward pass of one image at data.crop_size, rounded up to the model's input constraints (DeconvNet: a
+multiple of 32, at least 224); MACs = FLOPs / 2. Normalisation, activations and pooling are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dist_seg.config import Config, load_config
+from dist_seg.models import build_model, padded_size
+from dist_seg.optim import GroupInfo, build_optimizer, format_groups
+
+
+def manifest_path(train_shards: str) -> Path:
+    """Where the manifest of `data.train_shards` lives (a directory, a comma list, or a brace pattern)."""
+    first = Path(train_shards.split(",")[0].strip())
+    return first / "manifest.json" if first.is_dir() else first.parent / "manifest.json"
+
+
+def resolve_num_classes(cfg: Config) -> int:
+    """model.num_classes when set, else the number of `classes` in the training shards' manifest."""
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes
+    if cfg.data.train_shards:
+        path = manifest_path(cfg.data.train_shards)
+        if path.is_file():
+            try:
+                classes = json.loads(path.read_text())["classes"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}: cannot read the `classes` list ({e!r}); set model.num_classes"
+                ) from e
+            return len(classes)
+    raise ValueError(
+        "model.num_classes is not set and no manifest.json was found for data.train_shards="
+        f"{cfg.data.train_shards!r}: set model.num_classes (e.g. model.num_classes=11)"
+    )
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """The facts `info` prints, as a json-ready dict."""
+    num_classes = resolve_num_classes(cfg)
+    model_cfg = dataclasses.replace(cfg.model, pretrained=None)
+    with torch.device("meta"):
+        model = build_model(model_cfg, num_classes)
+    model.eval()  # BN statistics of a single image would be undefined on DeconvNet's 1x1 fc maps
+    size = padded_size(cfg.data.crop_size, model)
+    x = torch.empty(1, 3, size, size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    flops = int(counter.get_total_flops())
+    _, infos = build_optimizer(model, cfg.optim)
+    params = list(model.parameters())
+    return {
+        "model": cfg.model.name,
+        "width_mult": cfg.model.width_mult,
+        "num_classes": num_classes,
+        "params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "input_size": [1, 3, size, size],
+        "flops": flops,
+        "macs": flops // 2,
+        "optimizer": cfg.optim.name,
+        "groups": [dataclasses.asdict(g) for g in infos],
+    }
+
+
+def format_report(info: dict[str, Any]) -> str:
+    n, c, h, w = info["input_size"]
+    return "\n".join(
+        [
+            f"model: {info['model']} (width_mult {info['width_mult']}, {info['num_classes']} classes)",
+            f"parameters: {info['params']:,} ({info['trainable_params']:,} trainable)",
+            f"forward FLOPs at {n}x{c}x{h}x{w}: {info['flops'] / 1e9:.2f} GFLOP = {info['macs'] / 1e9:.2f} GMAC",
+            f"optimizer: {info['optimizer']}, groups:",
+            format_groups([GroupInfo(**g) for g in info["groups"]]),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dist-seg info",
+        description="Model parameter count, forward FLOPs at data.crop_size, optimizer groups.",
+    )
+    parser.add_argument("--config", help="YAML config file (defaults are used without it)")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. model.width_mult=0.125"
+    )
+    parser.add_argument("--json", action="store_true", help="print one json object instead of text")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        info = describe(load_config(args.config, args.overrides))
+    except ValueError as e:
+        print(f"dist-seg info: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
