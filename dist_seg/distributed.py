@@ -137,7 +137,7 @@ class _CpuSyncBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):  # type: ignore[override]
         dtype = x.dtype
-        x32 = x.float()
+        x32 = x.double() if dtype == torch.float64 else x.float()  # half inputs are normalised in fp32
         c = x32.shape[1]
         dims = [d for d in range(x32.dim()) if d != 1]
         local_n = x32.numel() // c
@@ -156,18 +156,18 @@ class _CpuSyncBNFunction(torch.autograd.Function):
             running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
             unbiased = var * n / (n - 1).clamp_min(1)
             running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
-        mean32, invstd = mean.float(), torch.rsqrt(var.float() + eps)
+        mean32, invstd = mean.to(x32.dtype), torch.rsqrt(var.to(x32.dtype) + eps)
         shape = [1, c] + [1] * (x32.dim() - 2)
         xhat = (x32 - mean32.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, invstd, weight)
         ctx.n = float(n)
         ctx.in_dtype = dtype
-        return (xhat * weight.float().view(shape) + bias.float().view(shape)).to(dtype)
+        return (xhat * weight.to(x32.dtype).view(shape) + bias.to(x32.dtype).view(shape)).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         xhat, invstd, weight = ctx.saved_tensors
-        dy = grad_out.float()
+        dy = grad_out.to(xhat.dtype)
         c = dy.shape[1]
         dims = [d for d in range(dy.dim()) if d != 1]
         shape = [1, c] + [1] * (dy.dim() - 2)
@@ -177,7 +177,7 @@ class _CpuSyncBNFunction(torch.autograd.Function):
         sums = torch.cat([local_sum_dy, local_sum_dy_xhat])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         mean_dy, mean_dy_xhat = (sums[:c] / ctx.n).view(shape), (sums[c:] / ctx.n).view(shape)
-        scale = (weight.float() * invstd).view(shape)
+        scale = (weight.to(xhat.dtype) * invstd).view(shape)
         grad_in = scale * (dy - mean_dy - xhat * mean_dy_xhat)
         return grad_in.to(ctx.in_dtype), grad_weight, grad_bias, None, None, None, None
 

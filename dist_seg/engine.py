@@ -129,14 +129,14 @@ def evaluate(
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
-        images = to_device(batch["images"], device, channels_last)
-        masks = to_device(batch["masks"], device)
+        images = to_device(batch.images, device, channels_last)
+        masks = to_device(batch.masks, device)
         with autocast(device, amp_dtype):
             pred = model(images).argmax(1)
         cm.update(pred, masks)
         for i in range(min(keep - len(kept), len(images))):
-            h, w = batch["sizes"][i]
-            kept.append((batch["images"][i, :, :h, :w], batch["masks"][i, :h, :w], pred[i, :h, :w].cpu()))
+            h, w = batch.sizes[i]
+            kept.append((batch.images[i, :, :h, :w], batch.masks[i, :h, :w], pred[i, :h, :w].cpu()))
     cm.reduce_(D.all_reduce_sum_)
     return cm, kept
 
@@ -259,7 +259,7 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(cfg.train.grad_accum)]
             t1 = time.perf_counter()
-            out_step = train_step(ctx, [(b["images"], b["masks"]) for b in batches], state.step + 1)
+            out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
             state.step += 1
             state.batch_in_epoch += cfg.train.grad_accum
             state.nonfinite_streak = state.nonfinite_streak + 1 if out_step.skipped else 0
@@ -268,7 +268,7 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
                     f"non-finite loss or gradients at step {state.step}: {state.nonfinite_streak} consecutive "
                     f"steps skipped (train.max_nonfinite={cfg.train.max_nonfinite}); stopping on every rank"
                 )
-            window.add(out_step, t1 - t0, time.perf_counter() - t0, int(batches[-1].get("skipped", 0)))
+            window.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 _log_window(cfg, info, ctx, tb, window, state, total_steps, t_start, step_at_start)
             epoch_done = state.batch_in_epoch >= steps_per_epoch * cfg.train.grad_accum

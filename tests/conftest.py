@@ -46,3 +46,16 @@ def read_shards(shard_dir: Path) -> dict[str, dict[str, bytes]]:
 
 def decode_png(data: bytes) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)))
+
+
+@pytest.fixture(scope="session")
+def trash_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """trashcan_subset train (4 shards) and val (2 shards) converted once per test session."""
+    from dist_seg.data.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("trash_shards")
+    for split, shards in (("trashcan_subset", 4), ("trashcan_subset_val", 2)):
+        ann, img = shared_dataset(split)
+        convert(ConvertOptions(str(ann), str(img), str(out / split), min_shards=shards, samples_per_shard=1000,
+                               progress=False))
+    return out / "trashcan_subset", out / "trashcan_subset_val"

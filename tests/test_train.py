@@ -1,0 +1,161 @@
+"""The trainer end to end: real torchrun runs on CPU (gloo), DDP equivalence, exact resume, config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launch_utils import REPO, free_port, torchrun
+
+from dist_seg.checkpoint import load_checkpoint
+from dist_seg.config import ModelConfig
+from dist_seg.models import build_model
+from dist_seg.tb import expand_tags, read_scalars, read_tags
+
+TRAIN = ["-m", "dist_seg.train", "--config", str(REPO / "configs/cpu_small.yaml")]
+
+
+def _overrides(train: Path, val: Path, out: Path, **kw: object) -> list[str]:
+    base = {"data.train_shards": train, "data.val_shards": val, "train.out_dir": out}
+    return [f"{k}={v}" for k, v in {**base, **kw}.items()]
+
+
+@pytest.mark.slow
+def test_two_process_run_learns_logs_and_checkpoints(trash_shards, tmp_path: Path) -> None:
+    train, val = trash_shards
+    out = tmp_path / "run"
+    overrides = _overrides(
+        train,
+        val,
+        out,
+        **{"train.max_steps": 24, "train.log_every": 1, "train.eval_every": 12, "data.num_workers": 1},
+    )
+    r = torchrun(["--module", *TRAIN[1:], *overrides], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "final val mIoU" in r.stdout
+    losses = [v for _, v in read_scalars(out / "tb")["train/loss"]]
+    assert len(losses) == 24
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["train_state"]["step"] == 24 and len(ck["rng"]) == 2
+    load_checkpoint(out / "best.pt")
+    groups = [g["name"] for g in ck["optimizer"]["param_groups"]]
+    names = ck["class_names"]
+    want = expand_tags(groups, [], exclude={"train/gpu_mem_peak_gb", "val/iou/<class name>"})
+    tags = read_tags(out / "tb")
+    assert want <= tags, want - tags
+    assert any(t.startswith("val/iou/") and t[8:] in names for t in tags)
+    assert (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path) -> None:
+    worker = str(REPO / "tests/workers/ddp_equiv_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(var, None)
+    one = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "one.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([worker, str(tmp_path / "two.pt")], timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-7, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
+    # the comparison means something only if training moved the weights away from their shared init
+    torch.manual_seed(0)
+    init = build_model(ModelConfig(name="deconvnet", width_mult=0.0625), 4).state_dict()
+    assert not torch.allclose(init["classifier.weight"].double(), a["classifier.weight"].double(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(trash_shards, tmp_path: Path) -> None:
+    train, val = trash_shards
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(var, None)
+
+    def run(out: Path, **extra_env: str) -> subprocess.CompletedProcess:
+        args = [
+            sys.executable,
+            *TRAIN,
+            *_overrides(
+                train,
+                "null",
+                out,
+                **{"train.max_steps": 8, "train.save_every": 4, "train.log_every": 1, "data.num_workers": 1},
+            ),
+        ]
+        return subprocess.run(args, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
+
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run(tmp_path / "resumed", DIST_SEG_FAULT_KILL_AT_STEP="6")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run(tmp_path / "resumed")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    a = read_scalars(tmp_path / "straight" / "tb")["train/loss"]
+    b = read_scalars(tmp_path / "resumed" / "tb")["train/loss"]
+    assert [s for s, _ in b] == list(range(1, 9))  # no gap, no duplicate
+    for (s1, v1), (s2, v2) in zip(a, b, strict=True):
+        assert s1 == s2 and abs(v1 - v2) <= 1e-6, (s1, v1, v2)
+    wa = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_config_errors_fail_before_any_process_group(tmp_path: Path) -> None:
+    for bad, key in (
+        ("train.epoch=3", "train.epoch"),
+        ("data.batch_size=two", "data.batch_size"),
+        ("train.amp=fp8", "train.amp"),
+    ):
+        r = torchrun(["--module", *TRAIN[1:], bad], timeout=120)
+        assert r.returncode != 0
+        assert f"config key {key}" in r.stderr, r.stderr[-2000:]
+        assert "init_process_group" not in r.stderr
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_train_together_like_two_nodes(trash_shards, tmp_path: Path) -> None:
+    train, val = trash_shards
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = []
+    for node in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=multinode",
+            "--module",
+            *TRAIN[1:],
+            *_overrides(train, val, tmp_path / "run", **{"train.max_steps": 4, "data.num_workers": 0}),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (o, e) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, o[-2000:] + e[-3000:]
+    joined = "".join(o for o, _ in outs)
+    assert "2 process(es)" in joined and "final val mIoU" in joined
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["step"] == 4
