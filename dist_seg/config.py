@@ -317,7 +317,11 @@ def reference_markdown() -> str:
         body = tree.body[0].body  # type: ignore[attr-defined]
         docs = {}
         for node, nxt in zip(body, body[1:] + [None], strict=True):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+            ):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
         defaults = getattr(Config(), section.name)
         for f in dataclasses.fields(cls):
@@ -326,7 +330,9 @@ def reference_markdown() -> str:
             doc = docs.get(f.name, "").replace("|", "/")
             rows.append(f"| `{section.name}.{f.name}` | `{shown}` | {doc} |")
     rows.append("")
-    rows.append("`optim.groups` entries: `params` (fnmatch pattern on parameter names), `lr_mult`, `weight_decay`.")
+    rows.append(
+        "`optim.groups` entries: `params` (fnmatch pattern on parameter names), `lr_mult`, `weight_decay`."
+    )
     return "\n".join(rows)
 
 

@@ -116,8 +116,14 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: Any, num_classes: int, ignore_index: int, device: torch.device,
-    amp_dtype: torch.dtype | None, channels_last: bool = False, keep: int = 0,
+    model: nn.Module,
+    loader: Any,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = False,
+    keep: int = 0,
 ) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Exact distributed evaluation: a per-rank int64 confusion matrix, all-reduced once at the end.
 
@@ -146,7 +152,9 @@ def _log(info: D.DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _checkpoint_state(cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, names: list[str]) -> dict:
+def _checkpoint_state(
+    cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, names: list[str]
+) -> dict:
     rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
     return {
         "model": D.unwrap(ctx.model).state_dict(),
@@ -162,7 +170,9 @@ def _checkpoint_state(cfg: Config, ctx: StepContext, state: TrainState, num_clas
     }
 
 
-def _resume(path: Path, cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, rank: int) -> None:
+def _resume(
+    path: Path, cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, rank: int
+) -> None:
     ck = load_checkpoint(path, map_location="cpu")
     if ck.get("model_name") != cfg.model.name or ck.get("num_classes") != num_classes:
         raise ValueError(
@@ -242,9 +252,12 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
         save_config(cfg, out / "config.yaml")
     tb = TBLogger(out / "tb", enabled=info.is_main, purge_step=state.step + 1 if resume is not None else None)
     tb.text("config", to_yaml(cfg), preformatted=True)
-    _log(info, f"{info.world_size} process(es) on {info.device}; {manifest['total_samples']} training samples; "
-         f"{steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * info.world_size * cfg.train.grad_accum}; "
-         f"{total_steps} steps")
+    _log(
+        info,
+        f"{info.world_size} process(es) on {info.device}; {manifest['total_samples']} training samples; "
+        f"{steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * info.world_size * cfg.train.grad_accum}; "
+        f"{total_steps} steps",
+    )
     metrics: dict[str, Any] = {}
     window = _Window()
     t_start = time.perf_counter()
@@ -275,8 +288,11 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
             if epoch_done:
                 state.epoch += 1
                 state.batch_in_epoch = 0
-            do_eval = (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or (
-                cfg.train.eval_every is None and epoch_done) or state.step == total_steps
+            do_eval = (
+                (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
+                or (cfg.train.eval_every is None and epoch_done)
+                or state.step == total_steps
+            )
             is_best = False
             if do_eval and cfg.data.val_shards:
                 metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
@@ -292,9 +308,17 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
     if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics
         metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
     if info.is_main and metrics:
-        tb.hparams({"model": cfg.model.name, "width_mult": cfg.model.width_mult, "lr": cfg.optim.lr,
-                    "batch_size": cfg.data.batch_size, "world_size": info.world_size, "amp": cfg.train.amp},
-                   {"hparam/miou": metrics["miou"]})
+        tb.hparams(
+            {
+                "model": cfg.model.name,
+                "width_mult": cfg.model.width_mult,
+                "lr": cfg.optim.lr,
+                "batch_size": cfg.data.batch_size,
+                "world_size": info.world_size,
+                "amp": cfg.train.amp,
+            },
+            {"hparam/miou": metrics["miou"]},
+        )
     tb.close()
     return metrics
 
@@ -321,15 +345,29 @@ class _Window:
         self.scale, self.skipped_samples = o.loss_scale, skipped_samples
 
 
-def _log_window(cfg: Config, info: D.DistInfo, ctx: StepContext, tb: TBLogger, w: _Window, state: TrainState,
-                total_steps: int, t_start: float, step_at_start: int) -> None:
+def _log_window(
+    cfg: Config,
+    info: D.DistInfo,
+    ctx: StepContext,
+    tb: TBLogger,
+    w: _Window,
+    state: TrainState,
+    total_steps: int,
+    t_start: float,
+    step_at_start: int,
+) -> None:
     loss = D.mean_across_ranks(w.loss / max(w.n, 1), info.device)
     skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), info.device) * info.world_size))
     elapsed = time.perf_counter() - w.t0
     ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * info.world_size / max(elapsed, 1e-9)
-    values = {"train/loss": loss, "train/grad_norm": w.grad_norm / max(w.n, 1), "train/loss_scale": w.scale,
-              "train/images_per_s": ips, "train/data_wait_frac": w.wait / max(w.time, 1e-9),
-              "train/skipped_samples": skipped}
+    values = {
+        "train/loss": loss,
+        "train/grad_norm": w.grad_norm / max(w.n, 1),
+        "train/loss_scale": w.scale,
+        "train/images_per_s": ips,
+        "train/data_wait_frac": w.wait / max(w.time, 1e-9),
+        "train/skipped_samples": skipped,
+    }
     for g in ctx.optimizer.param_groups:
         values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
     if info.device.type == "cuda":
@@ -338,8 +376,11 @@ def _log_window(cfg: Config, info: D.DistInfo, ctx: StepContext, tb: TBLogger, w
     done = state.step - step_at_start
     eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - state.step)
     lr = ctx.optimizer.param_groups[0]["lr"]
-    _log(info, f"step {state.step}/{total_steps} epoch {state.epoch} loss {loss:.4f} lr {lr:.2e} "
-         f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {_hms(eta)}")
+    _log(
+        info,
+        f"step {state.step}/{total_steps} epoch {state.epoch} loss {loss:.4f} lr {lr:.2e} "
+        f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {_hms(eta)}",
+    )
     w.reset()
 
 
@@ -348,30 +389,65 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _evaluate_and_log(cfg: Config, info: D.DistInfo, ctx: StepContext, tb: TBLogger, step: int,
-                      num_classes: int, names: list[str]) -> dict[str, Any]:
+def _evaluate_and_log(
+    cfg: Config,
+    info: D.DistInfo,
+    ctx: StepContext,
+    tb: TBLogger,
+    step: int,
+    num_classes: int,
+    names: list[str],
+) -> dict[str, Any]:
     divisor, min_size = input_constraints(ctx.model)
     loader = build_eval_loader(cfg.data, info.rank, info.world_size, divisor, min_size)
     keep = cfg.train.num_vis_images if info.is_main else 0
-    cm, kept = evaluate(ctx.model, loader, num_classes, cfg.loss.ignore_index, info.device, ctx.amp_dtype,
-                        cfg.train.channels_last, keep)
+    cm, kept = evaluate(
+        ctx.model,
+        loader,
+        num_classes,
+        cfg.loss.ignore_index,
+        info.device,
+        ctx.amp_dtype,
+        cfg.train.channels_last,
+        keep,
+    )
     metrics = cm.compute(names)
     if info.is_main:
-        tb.scalars({"val/miou": metrics["miou"], "val/pixel_acc": metrics["pixel_acc"],
-                    "val/mean_acc": metrics["mean_acc"], "val/image_miou": metrics["image_miou"]}, step)
-        tb.scalars({f"val/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step)
+        tb.scalars(
+            {
+                "val/miou": metrics["miou"],
+                "val/pixel_acc": metrics["pixel_acc"],
+                "val/mean_acc": metrics["mean_acc"],
+                "val/image_miou": metrics["image_miou"],
+            },
+            step,
+        )
+        tb.scalars(
+            {f"val/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
+        )
         if kept:
             images = torch.stack([denormalize(k[0], cfg.data) for k in _same_size(kept)])
-            tb.image_triplets(images, torch.stack([k[1] for k in _same_size(kept)]),
-                              torch.stack([k[2] for k in _same_size(kept)]), class_palette(num_classes), step)
+            tb.image_triplets(
+                images,
+                torch.stack([k[1] for k in _same_size(kept)]),
+                torch.stack([k[2] for k in _same_size(kept)]),
+                class_palette(num_classes),
+                step,
+            )
         tb.confusion(cm.matrix.cpu().numpy(), names, step)
         tb.flush()
         out = Path(cfg.train.out_dir)
         (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
         with open(out / "metrics_history.jsonl", "a") as f:
-            f.write(json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}})) + "\n")
-        _log(info, f"eval step {step}: mIoU {metrics['miou']:.4f} pixel acc {metrics['pixel_acc']:.4f} "
-             f"mean acc {metrics['mean_acc']:.4f}")
+            f.write(
+                json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}}))
+                + "\n"
+            )
+        _log(
+            info,
+            f"eval step {step}: mIoU {metrics['miou']:.4f} pixel acc {metrics['pixel_acc']:.4f} "
+            f"mean acc {metrics['mean_acc']:.4f}",
+        )
     return metrics
 
 

@@ -37,7 +37,9 @@ def _ints(value: str) -> list[int]:
 
 def active() -> list[str]:
     """Names of the fault switches set in this process's environment (printed at start-up as a warning)."""
-    return sorted(k for k, v in os.environ.items() if k.startswith(_PREFIX) and v and k != _PREFIX + "ATTEMPT")
+    return sorted(
+        k for k, v in os.environ.items() if k.startswith(_PREFIX) and v and k != _PREFIX + "ATTEMPT"
+    )
 
 
 def on_step(step: int, rank: int) -> None:
