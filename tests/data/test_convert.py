@@ -361,3 +361,49 @@ def test_min_shards_and_crowd_policies(tmp_path: Path) -> None:
         _run(tmp_path, coco, crowd=policy)
         label = decode_png(read_shards(tmp_path / "out")["000000000001"]["seg.png"])
         assert label[25, 35] == value, policy
+
+
+# ---------------------------------------------------------------- fault drills (issue 9, cases 8 and 10)
+@pytest.mark.parametrize("bad_id", ["a/b", "..", ".", "x.y", "../etc"])
+def test_converter_rejects_unsafe_keys(bad_id: str, tmp_path: Path) -> None:
+    coco = _good_coco(tmp_path / "img")
+    coco["images"][1]["id"] = bad_id
+    m, log = _run(tmp_path, coco)
+    assert m["dropped"]["bad_key"] == 1 and repr(bad_id) in log
+    assert all("/" not in k and "." not in k for k in read_shards(tmp_path / "out"))
+
+
+def test_converter_survives_every_bad_input_at_once_and_reruns_identically(tmp_path: Path) -> None:
+    coco = _good_coco(tmp_path / "img", n=12)
+    img = tmp_path / "img"
+    (img / "sub/2.jpg").unlink()
+    (img / "sub/3.jpg").write_bytes((img / "sub/3.jpg").read_bytes()[:200])
+    coco["images"][3]["width"] = 41
+    anns = {a["id"]: a for a in coco["annotations"]}
+    anns[50]["category_id"] = 99
+    anns[60]["image_id"] = 777
+    anns[70]["segmentation"] = []
+    anns[80]["segmentation"] = [[1, 1, 9, 9]]
+    anns[90]["segmentation"] = {"size": [10, 10], "counts": [0, 100]}
+    coco["images"][9]["id"] = 1
+    anns[111]["id"] = 110
+    coco["images"][11]["id"] = "a/b"
+    first, log = _run(tmp_path, coco)
+    want = {
+        "missing_image_file",
+        "unreadable_image",
+        "size_mismatch",
+        "unknown_category",
+        "missing_image_id",
+        "empty_segmentation",
+        "bad_polygon",
+        "rle_size_mismatch",
+        "duplicate_image_id",
+        "duplicate_annotation_id",
+        "bad_key",
+    }
+    assert want <= set(first["dropped"]), (first["dropped"], log)
+    assert first["total_samples"] == 12 - 5  # missing, unreadable, size mismatch, duplicate id, bad key
+    files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    _run(tmp_path, coco)
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
