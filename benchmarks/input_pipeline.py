@@ -1,0 +1,237 @@
+"""Input pipeline throughput per loader worker: shards vs an on-the-fly COCO baseline vs the decode ceiling.
+
+    python benchmarks/input_pipeline.py --dataset trashcan            # ../shared/data/trashcan_subset
+    python benchmarks/input_pipeline.py --dataset synth --images 200  # polygon-rich 512x512 (dist_seg.data.synth)
+    python benchmarks/input_pipeline.py --dataset coco6 --repeat 40   # ../shared/data/icevision_coco6, repeated
+    python benchmarks/input_pipeline.py --coco ANN.json --images DIR  # any COCO dataset
+
+Everything runs in this one process with one torch thread, which is what a DataLoader worker gets, so each
+figure is samples/s per worker (multiply by workers for a rank's ceiling on free cores). Measured in one run:
+  (a)    this pipeline: shards -> tar reading -> shuffle buffer -> decode -> train transforms -> batches
+  (a0)   the same with transforms off (decoded samples are not transformed): ratio_vs_decode = a0 / c
+  (b)    baseline: map-style Dataset, pycocotools COCO json, per sample PIL decode + annToMask for every
+         annotation painted largest-first (the competition baseline; it used cv2.imread) + the same transforms
+  (b-tv) the baseline decoding with torchvision.io instead of PIL, to show what the decoder alone is worth
+  (b0)   the baseline with transforms off
+  (c)    decode-only ceiling: JPEG + PNG decode of the shard bytes already in memory, nothing else
+Rates are samples per CPU second of this process (time.process_time), which other jobs on a shared machine
+barely move, unlike wall-clock time (printed alongside); passes are interleaved and the best is kept.
+The last line is machine-readable: ratio_vs_baseline=(a/b) ratio_vs_decode=(a0/c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_png
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dist_seg.config import DataConfig  # noqa: E402
+from dist_seg.data.convert import ConvertOptions, convert  # noqa: E402
+from dist_seg.data.shards import read_samples, resolve_shards  # noqa: E402
+from dist_seg.data.stream import build_train_loader  # noqa: E402
+from dist_seg.data.transforms import TrainTransform  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+class CocoBaseline(Dataset):
+    """Per-sample COCO reading as the competition baseline did it: decode, rasterise, transform."""
+
+    def __init__(self, ann: Path, images: Path, cfg: DataConfig, transform: bool, decoder: str):
+        self.coco, self.images = COCO(str(ann)), images
+        self.ids = sorted(self.coco.getImgIds())
+        cat_ids = sorted(self.coco.getCatIds())
+        self.cls = {c: i + 1 for i, c in enumerate(cat_ids)}  # dist_seg's contiguous indices, 0 = background
+        self.transform = TrainTransform(cfg) if transform else None
+        self.decoder, self.rng = decoder, random.Random(0)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        info = self.coco.loadImgs(self.ids[i])[0]
+        path = self.images / info["file_name"]
+        if self.decoder == "pil":
+            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+        else:
+            image = decode_image(
+                torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), ImageReadMode.RGB
+            )
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"], iscrowd=None))
+        label = np.zeros((info["height"], info["width"]), np.uint8)
+        for a in sorted(anns, key=lambda a: -a["area"]):
+            label[self.coco.annToMask(a) == 1] = self.cls[a["category_id"]]
+        mask = torch.from_numpy(label)
+        if self.transform is None:
+            return image, mask
+        return self.transform(image, mask, self.rng)
+
+
+class _NoTransform:
+    def apply(self, image, mask, rng, out, out_mask) -> None:  # transforms off: the decoded sample is dropped
+        pass
+
+
+def run_pipeline(cfg: DataConfig, transform: bool) -> int:
+    loader = build_train_loader(cfg, 0, 1, seed=0)
+    if not transform:  # everything else as in (a): plan, tar reading, shuffle buffer, decoding, batching
+        loader.dataset.transform = _NoTransform()
+    return sum(len(b.keys) for b in loader)
+
+
+def run_baseline(ds: CocoBaseline, batch: int) -> int:
+    n = 0
+    if ds.transform is None:  # variable sizes: no stacking
+        for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist():
+            ds[i]
+            n += 1
+        return n
+    loader = DataLoader(
+        ds, batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+    )
+    for images, masks in loader:
+        masks.long()
+        n += images.shape[0]
+    return n
+
+
+def run_decode(blobs: list[tuple[bytes, bytes]]) -> int:
+    for img, seg in blobs:
+        decode_image(torch.frombuffer(bytearray(img), dtype=torch.uint8), ImageReadMode.RGB)
+        decode_png(torch.frombuffer(bytearray(seg), dtype=torch.uint8), ImageReadMode.GRAY)
+    return len(blobs)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def prepare(args: argparse.Namespace, tmp: Path) -> tuple[str, Path, Path]:
+    if args.coco:
+        return "custom", Path(args.coco), Path(args.images_dir)
+    if args.dataset == "trashcan":
+        root = SHARED / "trashcan_subset"
+        if not root.is_dir():
+            sys.exit(f"{root} is absent")
+        return (
+            "trashcan_subset (train, 480x270, RLE)",
+            root / "annotations/instances_train.json",
+            root / "train",
+        )
+    if args.dataset == "coco6":  # real COCO photos, ~6 polygons each, repeated to a measurable size
+        root = SHARED / "icevision_coco6"
+        if not root.is_dir():
+            sys.exit(f"{root} is absent")
+        coco = json.loads((root / "annotations.json").read_text())
+        n = len(coco["images"])
+        images = [dict(im, id=r * 10_000 + im["id"]) for r in range(args.repeat) for im in coco["images"]]
+        anns = [
+            dict(a, id=r * 1_000_000 + a["id"], image_id=r * 10_000 + a["image_id"])
+            for r in range(args.repeat)
+            for a in coco["annotations"]
+        ]
+        (tmp / "coco6.json").write_text(json.dumps(dict(coco, images=images, annotations=anns)))
+        return (
+            f"icevision_coco6 x{args.repeat} ({n} COCO val2017 photos)",
+            tmp / "coco6.json",
+            root / "images",
+        )
+    from dist_seg.data.synth import generate
+
+    g = generate(tmp / "synth", images=args.images, val_images=0, size=512, seed=0)
+    return f"synth ({args.images} images, 512x512, polygons)", g["train_json"], g["images_dir"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("trashcan", "synth", "coco6"), default="trashcan")
+    p.add_argument("--repeat", type=int, default=40, help="coco6: copies of the 6 images")
+    p.add_argument("--coco", help="COCO json (instead of --dataset)")
+    p.add_argument("--images-dir", help="image directory of --coco")
+    p.add_argument("--images", type=int, default=200, help="synthetic images to generate")
+    p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--passes", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        name, ann, images = prepare(args, tmp)
+        meta = json.loads(ann.read_text())
+        n_img, n_ann = len(meta["images"]), len(meta.get("annotations", []))
+        polys = sum(isinstance(a["segmentation"], list) for a in meta.get("annotations", []))
+        convert(
+            ConvertOptions(str(ann), str(images), str(tmp / "shards"), samples_per_shard=64, progress=False)
+        )
+        cfg = DataConfig(
+            train_shards=str(tmp / "shards"), crop_size=args.crop, batch_size=args.batch, num_workers=0
+        )
+        paths, _ = resolve_shards(cfg.train_shards)
+        blobs = []
+        for path in paths:
+            for raw in read_samples(path):
+                ext = next(e for e in ("jpg", "jpeg", "png") if e in raw.members)
+                blobs.append((raw.members[ext], raw.members["seg.png"]))
+        runs = {
+            "a": lambda: run_pipeline(cfg, True),
+            "a0": lambda: run_pipeline(cfg, False),
+            "b": lambda: run_baseline(CocoBaseline(ann, images, cfg, True, "pil"), args.batch),
+            "b-tv": lambda: run_baseline(CocoBaseline(ann, images, cfg, True, "tv"), args.batch),
+            "b0": lambda: run_baseline(CocoBaseline(ann, images, cfg, False, "pil"), args.batch),
+            "c": lambda: run_decode(blobs),
+        }
+        best: dict[str, float] = {}  # samples per CPU second
+        best_wall: dict[str, float] = {}
+        for fn in runs.values():  # warm-up: imports, page cache, pycocotools index
+            fn()
+        for _ in range(args.passes):
+            for k, fn in runs.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                n = fn()
+                best[k] = max(best.get(k, 0.0), n / (time.process_time() - c0))
+                best_wall[k] = max(best_wall.get(k, 0.0), n / (time.perf_counter() - t0))
+    print(
+        f"dataset: {name}: {n_img} images, {n_ann / max(1, n_img):.1f} annotations/image, {polys / max(1, n_ann):.0%} polygons"
+    )
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread; crop {args.crop}, batch {args.batch}, best of {args.passes}"
+    )
+    labels = {
+        "a": "(a) pipeline, train transforms",
+        "a0": "(a0) pipeline, transforms off",
+        "b": "(b) COCO baseline (PIL), train transforms",
+        "b-tv": "(b-tv) COCO baseline (torchvision.io), train transforms",
+        "b0": "(b0) COCO baseline (PIL), transforms off",
+        "c": "(c) decode only (JPEG + PNG)",
+    }
+    for k, label in labels.items():
+        print(f"{label:58s} {best[k]:8.1f} samples/s per worker  (wall clock: {best_wall[k]:6.1f})")
+    print(f"pipeline vs baseline decoding with torchvision.io: {best['a'] / best['b-tv']:.2f}x")
+    print(f"transforms off, pipeline vs baseline: {best['a0'] / best['b0']:.2f}x")
+    print(f"ratio_vs_baseline={best['a'] / best['b']:.2f} ratio_vs_decode={best['a0'] / best['c']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
