@@ -1,0 +1,194 @@
+"""Evaluate a checkpoint on labelled shards: metrics.json, confusion.png and a per-class table.
+
+    dist-seg evaluate --config configs/demo.yaml --checkpoint runs/demo/best.pt
+    dist-seg evaluate --config CFG --checkpoint CKPT --shards shards/val2 --out runs/demo/eval_val2 data.eval_resize=512
+    torchrun --nproc_per_node=2 -m dist_seg.evaluate --config CFG --checkpoint CKPT
+
+The evaluation is the trainer's own (`engine.evaluate`): every sample once across ranks, a per-rank int64
+confusion matrix, one all-reduce; the numbers equal the trainer's eval of the same weights on the same shards
+with the same config. Shards default to data.val_shards, the output directory to CHECKPOINT_DIR/eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_seg import distributed as D
+from dist_seg.checkpoint import load_checkpoint
+from dist_seg.config import Config, load_config
+from dist_seg.data.stream import build_eval_loader, resolve_shards
+from dist_seg.engine import AMP_DTYPES, evaluate
+from dist_seg.metrics import to_jsonable
+from dist_seg.models import build_model, input_constraints
+from dist_seg.viz import confusion_figure
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    path: Path
+    model_name: str
+    num_classes: int
+    class_names: list[str]
+    step: int | None
+
+
+def load_model(
+    cfg: Config, checkpoint: str | Path, device: torch.device, num_classes: int | None = None
+) -> tuple[nn.Module, LoadedCheckpoint]:
+    """The model of `cfg` with the checkpoint's weights, on `device`, in eval mode.
+
+    ValueError naming both sides when the checkpoint holds another model or another number of classes than
+    the config (`num_classes`, or cfg.model.num_classes, when given) asks for, or weights of another width.
+    """
+    path = Path(checkpoint)
+    ck = load_checkpoint(path, map_location="cpu")
+    if "model" not in ck:
+        raise ValueError(f"checkpoint {path} has no 'model' weights (keys: {sorted(ck)})")
+    ck_name, ck_classes = ck.get("model_name"), ck.get("num_classes")
+    want = num_classes or cfg.model.num_classes or ck_classes
+    if ck_name != cfg.model.name or ck_classes != want:
+        raise ValueError(
+            f"checkpoint {path} holds model {ck_name!r} with {ck_classes} classes, "
+            f"but the config asks for model {cfg.model.name!r} with {want} classes"
+        )
+    # weights come from the checkpoint: never load (or download) the ImageNet encoder first
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), int(want))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        ck_width = ck.get("config", {}).get("model", {}).get("width_mult")
+        raise ValueError(
+            f"checkpoint {path} (model.width_mult={ck_width}) does not fit model {cfg.model.name!r} with "
+            f"model.width_mult={cfg.model.width_mult}: {str(e).strip().splitlines()[0]}"
+        ) from e
+    names = list(ck.get("class_names") or [f"class_{i}" for i in range(int(want))])
+    step = ck.get("train_state", {}).get("step")
+    meta = LoadedCheckpoint(path, str(ck_name), int(want), names, step)
+    return model.to(device).eval(), meta
+
+
+def run_evaluate(
+    cfg: Config,
+    checkpoint: str | Path,
+    info: D.DistInfo,
+    out: str | Path | None = None,
+    shards: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate on every rank; rank 0 writes OUT/metrics.json and OUT/confusion.png and prints the table.
+
+    Returns the metrics (same on every rank) plus checkpoint, step, shards, num_images and skipped.
+    """
+    spec = shards or cfg.data.val_shards
+    if not spec:
+        raise ValueError("nothing to evaluate: set config key data.val_shards or pass --shards")
+    _, shard_info = resolve_shards(spec)
+    if not shard_info["has_labels"]:
+        raise ValueError(f"shards {spec} have no label maps (a test split?): use `dist-seg predict` instead")
+    num_classes = cfg.model.num_classes or shard_info["num_classes"]
+    if num_classes != shard_info["num_classes"]:
+        raise ValueError(
+            f"config key model.num_classes={num_classes} but the shards {spec} have {shard_info['num_classes']} classes"
+        )
+    model, ck = load_model(cfg, checkpoint, info.device, num_classes)
+    shard_names = [c["name"] for c in shard_info["classes"]]
+    if ck.class_names != shard_names:
+        raise ValueError(
+            f"checkpoint {ck.path} was trained on classes {ck.class_names}, but the shards {spec} have "
+            f"classes {shard_names}"
+        )
+    divisor, min_size = input_constraints(model)
+    loader = build_eval_loader(cfg.data, info.rank, info.world_size, divisor, min_size, shards=spec)
+    cm, _ = evaluate(
+        model,
+        loader,
+        num_classes,
+        cfg.loss.ignore_index,
+        info.device,
+        AMP_DTYPES[cfg.train.amp],
+        cfg.train.channels_last,
+    )
+    skipped = sum(D.all_gather_object(loader.skipped))
+    metrics = cm.compute(ck.class_names)
+    result = {
+        "checkpoint": str(ck.path),
+        "step": ck.step,
+        "model": ck.model_name,
+        "shards": spec,
+        "num_images": shard_info["total_samples"] - skipped,
+        "skipped": skipped,
+        "world_size": info.world_size,
+        **metrics,
+    }
+    if info.is_main:
+        out_dir = Path(out) if out is not None else ck.path.parent / "eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+        save_confusion_png(metrics["matrix"], ck.class_names, out_dir / "confusion.png")
+        print(format_table(result, ck.class_names))
+        print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'confusion.png'}")
+    return result
+
+
+def save_confusion_png(matrix: Any, names: list[str], path: Path) -> None:
+    fig = confusion_figure(matrix, names)
+    fig.savefig(path, dpi=100)
+
+
+def _fmt(v: float) -> str:
+    return "     -" if v is None or math.isnan(v) else f"{v:6.4f}"
+
+
+def format_table(metrics: dict[str, Any], names: list[str]) -> str:
+    """Per-class IoU and accuracy, then the summary metrics; NaN (class absent everywhere) shows as '-'."""
+    width = max(12, *(len(n) for n in names))
+    gt = [sum(row) for row in metrics["matrix"]]
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'acc':>6}  {'gt pixels':>12}"]
+    for name, iou, acc, n in zip(names, metrics["iou"], metrics["acc"], gt, strict=True):
+        lines.append(f"{name:<{width}}  {_fmt(iou)}  {_fmt(acc)}  {n:>12,}")
+    lines.append(
+        f"mIoU {_fmt(metrics['miou'])}  pixel acc {_fmt(metrics['pixel_acc'])}  mean acc "
+        f"{_fmt(metrics['mean_acc'])}  image mIoU {_fmt(metrics['image_miou'])}  "
+        f"({metrics.get('num_images', '?')} images, step {metrics.get('step')})"
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-seg evaluate", description="Evaluate a checkpoint (DDP-ready).")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (e.g. RUN_DIR/best.pt)")
+    p.add_argument("--shards", default=None, help="labelled shards to evaluate (default: data.val_shards)")
+    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_DIR/eval)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.eval_resize=512")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"dist-seg evaluate: error: {e}", file=sys.stderr)
+        return 2
+    info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
+    try:
+        run_evaluate(cfg, args.checkpoint, info, args.out, args.shards)
+    except ValueError as e:  # user errors are the same on every rank: each exits with the message
+        print(f"dist-seg evaluate: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

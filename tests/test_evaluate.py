@@ -1,0 +1,137 @@
+"""`dist-seg evaluate` agrees with the trainer's own eval; checkpoint mismatches; 2 ranks == 1 process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+from conftest import REPO, shared_dataset
+from launch_utils import torchrun
+from PIL import Image
+
+from dist_seg import distributed as D
+from dist_seg import evaluate
+from dist_seg.config import load_config
+from dist_seg.data.coco import load_coco
+from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.predict import PredictOptions, run_predict
+
+N_IMAGES = 12
+CONFIG = str(REPO / "configs/cpu_small.yaml")
+# deeplab_v1 is the fastest VGG model on CPU; eval_resize keeps the eval passes small
+MODEL = ["model.name=deeplab_v1", "data.eval_resize=128"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The thread count changes how oneDNN splits a convolution, so the last bits of logits and the argmax at
+    ties (measured: 8 of 1.5 M pixels differ between 1 and 2 threads). The torchrun workers run with
+    OMP_NUM_THREADS=1 (launch_utils), so the in-process references do too."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-step training run (the trainer evaluates at its last step) on 12 trashcan val images."""
+    from dist_seg.engine import fit
+
+    ann, images = shared_dataset("trashcan_subset_val")
+    tmp = tmp_path_factory.mktemp("evaluate")
+    coco = load_coco(ann)
+    coco["images"] = coco["images"][:N_IMAGES]
+    keep = {im["id"] for im in coco["images"]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    (tmp / "val.json").write_text(json.dumps(coco))
+    for name, labels in (("shards", True), ("test_shards", False)):
+        opts = ConvertOptions(
+            str(tmp / "val.json"), str(images), str(tmp / name), min_shards=3, progress=False
+        )
+        opts.no_labels = not labels
+        convert(opts)
+    shards = str(tmp / "shards")
+    overrides = [
+        *MODEL,
+        f"data.train_shards={shards}",
+        f"data.val_shards={shards}",
+        f"train.out_dir={tmp / 'run'}",
+    ]
+    overrides += ["train.max_steps=2", "optim.lr=0.01"]
+    cfg = load_config(CONFIG, overrides)
+    fit(cfg, D.init_distributed("cpu"))
+    return {"tmp": tmp, "images": images, "overrides": overrides, "ck": tmp / "run" / "last.pt"}
+
+
+def test_evaluate_equals_the_trainers_eval(run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate.main(["--config", CONFIG, "--checkpoint", str(run["ck"]), *run["overrides"]]) == 0
+    trainer = json.loads((run["tmp"] / "run" / "metrics.json").read_text())
+    ours = json.loads((run["tmp"] / "run" / "eval" / "metrics.json").read_text())  # default: CKPT_DIR/eval
+    assert ours["matrix"] == trainer["matrix"]
+    for key in ("miou", "pixel_acc", "mean_acc", "image_miou", "iou", "acc", "iou_by_class"):
+        assert ours[key] == trainer[key], key
+    assert ours["step"] == trainer["step"] == 2 and ours["num_images"] == N_IMAGES
+    assert sum(map(sum, ours["matrix"])) == ours["num_pixels"] > 0
+    assert Image.open(run["tmp"] / "run" / "eval" / "confusion.png").format == "PNG"
+    table = capsys.readouterr().out
+    assert f"mIoU {ours['miou']:6.4f}" in table
+    assert all(name in table for name in ours["iou_by_class"])
+
+
+def test_checkpoint_mismatch_names_both_sides(run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    def load(*extra: str) -> None:
+        cfg = load_config(CONFIG, [*run["overrides"], *extra])
+        evaluate.load_model(cfg, run["ck"], D.init_distributed("cpu").device)
+
+    with pytest.raises(ValueError, match="holds model 'deeplab_v1' with 23 classes.*asks for model 'fcn8s'"):
+        load("model.name=fcn8s")
+    with pytest.raises(
+        ValueError, match="holds model 'deeplab_v1' with 23 classes.*'deeplab_v1' with 5 classes"
+    ):
+        load("model.num_classes=5")
+    with pytest.raises(ValueError, match="width_mult=0.0625\\) does not fit .* model.width_mult=0.125"):
+        load("model.width_mult=0.125")
+    argv = ["--config", CONFIG, "--checkpoint", str(run["ck"]), *run["overrides"], "model.name=fcn8s"]
+    assert evaluate.main(argv) == 2
+    assert "'fcn8s'" in capsys.readouterr().err
+    test_shards = str(run["tmp"] / "test_shards")
+    assert evaluate.main([*argv[:-1], "--shards", test_shards]) == 2
+    assert "have no label maps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_and_predict_like_one_process(run: dict) -> None:
+    tmp, coco = run["tmp"], str(run["tmp"] / "val.json")
+    one = tmp / "one"
+    cfg = load_config(CONFIG, run["overrides"])
+    opts = PredictOptions(str(run["ck"]), str(one / "pred"), images=str(run["images"]), coco=coco, quiet=True)
+    opts.submission = str(one / "sub.csv")
+    assert run_predict(cfg, opts, D.init_distributed("cpu"))["problems"] == []
+    ref = json.loads((tmp / "run" / "metrics.json").read_text())  # the trainer's eval, one process
+
+    # same batch size and an even split: each batch holds the same images as in one process, so every
+    # computation is the same one and the files must match byte for byte
+    two = tmp / "two"
+    worker = str(REPO / "tests/workers/predict_worker.py")
+    args = [
+        worker,
+        str(run["ck"]),
+        str(tmp / "shards"),
+        str(run["images"]),
+        coco,
+        str(two),
+        *run["overrides"],
+    ]
+    r = torchrun(args, nproc=2, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads((two / "eval" / "metrics.json").read_text())
+    assert got["world_size"] == 2 and got["num_images"] == N_IMAGES
+    assert got["matrix"] == ref["matrix"] and got["miou"] == ref["miou"]
+    assert got["image_miou"] == pytest.approx(ref["image_miou"], rel=1e-12)  # a float sum in another order
+    assert (two / "sub.csv").read_bytes() == (one / "sub.csv").read_bytes()
+    assert sorted(p.name for p in (two / "pred").glob("*.png")) == sorted(
+        p.name for p in (one / "pred").glob("*.png")
+    )
