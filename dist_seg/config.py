@@ -267,17 +267,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"config override {item!r} must look like key=value (e.g. train.epochs=3)")
+    where = f" in {path}" if path is not None else ""
     try:
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"config key {_key_of(e)}{where}: {_first_line(e)}") from e
+    for item in overrides:
+        # one override at a time, so an error inside a list or dict names the override it came from
+        key = item.split("=", 1)[0].strip()
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            inner = _key_of(e)
+            detail = "" if inner in ("?", key) else f" ({inner})"
+            raise ValueError(f"config key {key}{detail}: {_first_line(e)}") from e
+    try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"config key {key}{where}: {_first_line(e)}") from e
+        raise ValueError(f"config key {_key_of(e)}{where}: {_first_line(e)}") from e
     assert isinstance(cfg, Config)
     return validate(cfg)
+
+
+def _key_of(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", None) or "?")
 
 
 def _first_line(e: Exception) -> str:
