@@ -56,6 +56,28 @@ def trash_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("trash_shards")
     for split, shards in (("trashcan_subset", 4), ("trashcan_subset_val", 2)):
         ann, img = shared_dataset(split)
-        convert(ConvertOptions(str(ann), str(img), str(out / split), min_shards=shards, samples_per_shard=1000,
-                               progress=False))
+        convert(
+            ConvertOptions(
+                str(ann),
+                str(img),
+                str(out / split),
+                min_shards=shards,
+                samples_per_shard=1000,
+                progress=False,
+            )
+        )
     return out / "trashcan_subset", out / "trashcan_subset_val"
+
+
+def reference_mask(seg: list | dict, h: int, w: int) -> np.ndarray:
+    """An annotation's mask decoded directly with pycocotools, as COCO.annToMask does (polygons merged,
+    uncompressed RLE converted, compressed RLE as is): the independent reference the tests compare with."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle).astype(bool)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import decode_png, read_shards, shared_dataset
+from conftest import decode_png, read_shards, reference_mask, shared_dataset
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -27,14 +27,7 @@ def _class_index(categories: list[dict]) -> dict[int, int]:
 
 
 def _ann_mask(ann: dict, h: int, w: int) -> np.ndarray:
-    seg = ann["segmentation"]
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return mask_utils.decode(rle).astype(bool)
+    return reference_mask(ann["segmentation"], h, w)
 
 
 def reference_label(anns: list[dict], h: int, w: int, cls_of: dict[int, int], policy: str) -> np.ndarray:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_dataset
+from conftest import reference_mask, shared_dataset
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.data.eda import main, run_eda
@@ -27,15 +26,7 @@ def _class_index(categories: list[dict]) -> dict[int, int]:
     return {**dict.fromkeys(bg, 0), **{cid: i + 1 for i, cid in enumerate(others)}}
 
 
-def _ann_to_mask(seg: list | dict, h: int, w: int) -> np.ndarray:
-    # what pycocotools' COCO.annToMask does: polygons merged, uncompressed RLE converted, compressed RLE as is
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return mask_utils.decode(rle).astype(bool)
+_ann_to_mask = reference_mask
 
 
 def _top(stack: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reference_mask
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from dist_seg.cli import main as cli_main
 from dist_seg.data import synth
@@ -43,14 +43,7 @@ def _load(out: Path, split: str) -> dict:
     return json.loads((out / f"{split}.json").read_text())
 
 
-def _decode(seg: list | dict, h: int, w: int) -> np.ndarray:
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return mask_utils.decode(rle).astype(bool)
+_decode = reference_mask
 
 
 def _instances(coco: dict) -> dict[int, list[tuple[dict, np.ndarray]]]:
