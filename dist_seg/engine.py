@@ -7,7 +7,6 @@ data.batch_size x world_size x train.grad_accum images. Every rank runs exactly 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -19,17 +18,15 @@ import torch
 from torch import nn
 
 from dist_seg import distributed as D
-from dist_seg import faults
+from dist_seg import faults, monitor
 from dist_seg.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from dist_seg.config import Config, save_config, to_dict, to_yaml
 from dist_seg.data.stream import build_eval_loader, build_train_loader, resolve_shards
-from dist_seg.data.transforms import denormalize
 from dist_seg.losses import build_loss, load_class_weights
-from dist_seg.metrics import ConfusionMatrix, to_jsonable
+from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import build_model, input_constraints
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.tb import TBLogger
-from dist_seg.viz import class_palette
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -259,7 +256,7 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
         f"{total_steps} steps",
     )
     metrics: dict[str, Any] = {}
-    window = _Window()
+    window = monitor.Window()
     t_start = time.perf_counter()
     step_at_start = state.step
     while state.step < total_steps:
@@ -283,7 +280,18 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
                 )
             window.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                _log_window(cfg, info, ctx, tb, window, state, total_steps, t_start, step_at_start)
+                monitor.log_window(
+                    cfg,
+                    info,
+                    ctx.optimizer,
+                    tb,
+                    window,
+                    state.step,
+                    state.epoch,
+                    total_steps,
+                    t_start,
+                    step_at_start,
+                )
             epoch_done = state.batch_in_epoch >= steps_per_epoch * cfg.train.grad_accum
             if epoch_done:
                 state.epoch += 1
@@ -323,72 +331,6 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
     return metrics
 
 
-class _Window:
-    """Sums between two progress lines."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.n = 0
-        self.loss = self.grad_norm = self.wait = self.time = 0.0
-        self.scale, self.skipped_samples = 1.0, 0
-        self.t0 = time.perf_counter()
-
-    def add(self, o: StepOutput, wait: float, dt: float, skipped_samples: int) -> None:
-        self.n += 1
-        if not o.skipped:
-            self.loss += o.loss
-            self.grad_norm += o.grad_norm
-        self.wait += wait
-        self.time += dt
-        self.scale, self.skipped_samples = o.loss_scale, skipped_samples
-
-
-def _log_window(
-    cfg: Config,
-    info: D.DistInfo,
-    ctx: StepContext,
-    tb: TBLogger,
-    w: _Window,
-    state: TrainState,
-    total_steps: int,
-    t_start: float,
-    step_at_start: int,
-) -> None:
-    loss = D.mean_across_ranks(w.loss / max(w.n, 1), info.device)
-    skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), info.device) * info.world_size))
-    elapsed = time.perf_counter() - w.t0
-    ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * info.world_size / max(elapsed, 1e-9)
-    values = {
-        "train/loss": loss,
-        "train/grad_norm": w.grad_norm / max(w.n, 1),
-        "train/loss_scale": w.scale,
-        "train/images_per_s": ips,
-        "train/data_wait_frac": w.wait / max(w.time, 1e-9),
-        "train/skipped_samples": skipped,
-    }
-    for g in ctx.optimizer.param_groups:
-        values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
-    if info.device.type == "cuda":
-        values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
-    tb.scalars(values, state.step)
-    done = state.step - step_at_start
-    eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - state.step)
-    lr = ctx.optimizer.param_groups[0]["lr"]
-    _log(
-        info,
-        f"step {state.step}/{total_steps} epoch {state.epoch} loss {loss:.4f} lr {lr:.2e} "
-        f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {_hms(eta)}",
-    )
-    w.reset()
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def _evaluate_and_log(
     cfg: Config,
     info: D.DistInfo,
@@ -413,45 +355,5 @@ def _evaluate_and_log(
     )
     metrics = cm.compute(names)
     if info.is_main:
-        tb.scalars(
-            {
-                "val/miou": metrics["miou"],
-                "val/pixel_acc": metrics["pixel_acc"],
-                "val/mean_acc": metrics["mean_acc"],
-                "val/image_miou": metrics["image_miou"],
-            },
-            step,
-        )
-        tb.scalars(
-            {f"val/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
-        )
-        if kept:
-            images = torch.stack([denormalize(k[0], cfg.data) for k in _same_size(kept)])
-            tb.image_triplets(
-                images,
-                torch.stack([k[1] for k in _same_size(kept)]),
-                torch.stack([k[2] for k in _same_size(kept)]),
-                class_palette(num_classes),
-                step,
-            )
-        tb.confusion(cm.matrix.cpu().numpy(), names, step)
-        tb.flush()
-        out = Path(cfg.train.out_dir)
-        (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
-        with open(out / "metrics_history.jsonl", "a") as f:
-            f.write(
-                json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}}))
-                + "\n"
-            )
-        _log(
-            info,
-            f"eval step {step}: mIoU {metrics['miou']:.4f} pixel acc {metrics['pixel_acc']:.4f} "
-            f"mean acc {metrics['mean_acc']:.4f}",
-        )
+        monitor.report_eval(cfg, tb, step, metrics, cm.matrix.cpu().numpy(), kept, names, num_classes)
     return metrics
-
-
-def _same_size(kept: list) -> list:
-    """Visualised images must stack: keep those with the first one's size."""
-    h, w = kept[0][1].shape
-    return [k for k in kept if k[1].shape == (h, w)]

@@ -1,0 +1,143 @@
+"""What the training loop reports: progress lines, training scalars and evaluation results (rank 0 writes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_seg import distributed as D
+from dist_seg.config import Config
+from dist_seg.data.transforms import denormalize
+from dist_seg.metrics import to_jsonable
+from dist_seg.tb import TBLogger
+from dist_seg.viz import class_palette
+
+
+class Window:
+    """Sums between two progress lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.loss = self.grad_norm = self.wait = self.time = 0.0
+        self.scale, self.skipped_samples = 1.0, 0
+        self.t0 = time.perf_counter()
+
+    def add(self, o: Any, wait: float, dt: float, skipped_samples: int) -> None:
+        self.n += 1
+        if not o.skipped:
+            self.loss += o.loss
+            self.grad_norm += o.grad_norm
+        self.wait += wait
+        self.time += dt
+        self.scale, self.skipped_samples = o.loss_scale, skipped_samples
+
+
+def log_window(
+    cfg: Config,
+    info: D.DistInfo,
+    optimizer: torch.optim.Optimizer,
+    tb: TBLogger,
+    w: Window,
+    step: int,
+    epoch: int,
+    total_steps: int,
+    t_start: float,
+    step_at_start: int,
+) -> None:
+    """TensorBoard scalars and one progress line for the steps since the last call (a collective: every rank
+    calls it at the same steps)."""
+    loss = D.mean_across_ranks(w.loss / max(w.n, 1), info.device)
+    skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), info.device) * info.world_size))
+    elapsed = time.perf_counter() - w.t0
+    ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * info.world_size / max(elapsed, 1e-9)
+    values = {
+        "train/loss": loss,
+        "train/grad_norm": w.grad_norm / max(w.n, 1),
+        "train/loss_scale": w.scale,
+        "train/images_per_s": ips,
+        "train/data_wait_frac": w.wait / max(w.time, 1e-9),
+        "train/skipped_samples": skipped,
+    }
+    for g in optimizer.param_groups:
+        values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
+    if info.device.type == "cuda":
+        values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    tb.scalars(values, step)
+    done = step - step_at_start
+    eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - step)
+    lr = optimizer.param_groups[0]["lr"]
+    if info.is_main:
+        print(
+            f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
+            f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {hms(eta)}",
+            flush=True,
+        )
+    w.reset()
+
+
+def hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def report_eval(
+    cfg: Config,
+    tb: TBLogger,
+    step: int,
+    metrics: dict[str, Any],
+    matrix: np.ndarray,
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    names: list[str],
+    num_classes: int,
+) -> None:
+    """Rank 0: evaluation scalars, sample triplets and confusion matrix to TensorBoard, metrics.json, a line."""
+    tb.scalars(
+        {
+            "val/miou": metrics["miou"],
+            "val/pixel_acc": metrics["pixel_acc"],
+            "val/mean_acc": metrics["mean_acc"],
+            "val/image_miou": metrics["image_miou"],
+        },
+        step,
+    )
+    tb.scalars(
+        {f"val/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
+    )
+    if kept:
+        images = torch.stack([denormalize(k[0], cfg.data) for k in same_size(kept)])
+        tb.image_triplets(
+            images,
+            torch.stack([k[1] for k in same_size(kept)]),
+            torch.stack([k[2] for k in same_size(kept)]),
+            class_palette(num_classes),
+            step,
+        )
+    tb.confusion(matrix, names, step)
+    tb.flush()
+    out = Path(cfg.train.out_dir)
+    (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
+    with open(out / "metrics_history.jsonl", "a") as f:
+        f.write(
+            json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}}))
+            + "\n"
+        )
+    print(
+        f"eval step {step}: mIoU {metrics['miou']:.4f} pixel acc {metrics['pixel_acc']:.4f} "
+        f"mean acc {metrics['mean_acc']:.4f}",
+        flush=True,
+    )
+
+
+def same_size(kept: list) -> list:
+    """Visualised images must stack: keep those with the first one's size."""
+    h, w = kept[0][1].shape
+    return [k for k in kept if k[1].shape == (h, w)]
