@@ -3,13 +3,13 @@
 #   launch/demo.sh                       # ~10 minutes on a 2-core CPU machine, first run included
 #   launch/demo.sh train.max_steps=50    # extra arguments are config overrides for the training run
 # Knobs (environment): DEMO_DATA (default data/demo), DEMO_RUN (runs/demo), DEMO_IMAGES (300),
-# DEMO_VAL_IMAGES (60), DEMO_SIZE (256), DEMO_NPROC (GPU count, or 2 on CPU).
+# DEMO_VAL_IMAGES (60), DEMO_SIZE (224), DEMO_NPROC (GPU count, or 2 on CPU).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 cd "$REPO"
 DATA="${DEMO_DATA:-$REPO/data/demo}"
 RUN="${DEMO_RUN:-$REPO/runs/demo}"
-IMAGES="${DEMO_IMAGES:-300}"; VAL_IMAGES="${DEMO_VAL_IMAGES:-60}"; SIZE="${DEMO_SIZE:-256}"
+IMAGES="${DEMO_IMAGES:-300}"; VAL_IMAGES="${DEMO_VAL_IMAGES:-60}"; SIZE="${DEMO_SIZE:-224}"
 NPROC="${DEMO_NPROC:-$(python -c 'import torch; print(torch.cuda.device_count() or 2)')}"
 SYNTH="$DATA/synth-$IMAGES-$VAL_IMAGES-$SIZE"
 
