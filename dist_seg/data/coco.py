@@ -1,7 +1,7 @@
-"""Read, validate and rasterise COCO instances datasets.
+"""Read and validate COCO instances datasets (rasterisation lives in dist_seg.data.raster).
 
 The converter and the EDA share everything here, so both report bad input with the same reasons and the same
-wording, and both resolve overlapping instances the same way.
+wording.
 
 Validation happens in two places: `index_dataset` checks everything the json alone can tell (ids, categories,
 polygons, RLE sizes) and `read_image` checks the image file. Each problem is a `Problem` with a reason code from
@@ -14,7 +14,7 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,92 +329,6 @@ def index_dataset(
 
 
 @dataclass
-class Instance:
-    mask: np.ndarray  # bool [H, W]
-    cls: int
-    area: int
-    ann_id: Any
-    pos: int  # position in the json's annotation list
-    crowd: bool
-
-
-def decode_mask(seg: Any, height: int, width: int) -> np.ndarray:
-    """Bool [H, W] mask of a checked segmentation (polygon parts merged, RLE decoded)."""
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    else:
-        rle = seg
-    return mask_utils.decode(rle).astype(bool)
-
-
-def decode_instances(entry: ImageEntry) -> list[Instance]:
-    out = []
-    for a in entry.anns:
-        m = decode_mask(a["segmentation"], entry.height, entry.width)
-        out.append(Instance(m, a["cls"], int(m.sum()), a["id"], a["pos"], a["crowd"]))
-    return out
-
-
-def _id_rank(ann_id: Any) -> tuple[int, Any]:
-    # ids may be ints or strings; order ints numerically, then strings, then missing ids
-    if _is_int(ann_id):
-        return (0, ann_id)
-    return (1, str(ann_id)) if ann_id is not None else (2, "")
-
-
-def paint_order(instances: list[Instance], policy: str) -> list[Instance]:
-    """Instances in the order they are painted (later ones end on top)."""
-    if policy in ("area", "ignore"):
-        return sorted(instances, key=lambda i: (-i.area, _id_rank(i.ann_id), i.pos))
-    if policy == "order":
-        return sorted(instances, key=lambda i: i.pos)
-    if policy == "max-class":
-        return sorted(instances, key=lambda i: (i.cls, i.pos))
-    raise ValueError(f"unknown overlap policy {policy!r}; choose from {', '.join(OVERLAP_POLICIES)}")
-
-
-def rasterise(
-    instances: list[Instance], height: int, width: int, policy: str, crowd: str = "include"
-) -> np.ndarray:
-    """uint8 [H, W] label map: 0 background, class indices, 255 ignore."""
-    label = np.zeros((height, width), np.uint8)
-    regular = [i for i in instances if not (i.crowd and crowd == "ignore")]
-    for inst in paint_order(regular, policy):
-        label[inst.mask] = inst.cls
-    if policy == "ignore":
-        label[class_count(regular, height, width) >= 2] = IGNORE_INDEX
-    if crowd == "ignore":
-        covered = np.zeros((height, width), bool)
-        for inst in regular:
-            covered |= inst.mask
-        for inst in instances:
-            if inst.crowd:
-                label[inst.mask & ~covered] = IGNORE_INDEX
-    return label
-
-
-def class_count(instances: list[Instance], height: int, width: int) -> np.ndarray:
-    """Per pixel, how many different classes claim it."""
-    unions: dict[int, np.ndarray] = {}
-    for inst in instances:
-        if inst.cls in unions:
-            unions[inst.cls] |= inst.mask
-        else:
-            unions[inst.cls] = inst.mask.copy()
-    count = np.zeros((height, width), np.uint8)
-    for m in unions.values():
-        count += m
-    return count
-
-
-def instance_count(instances: list[Instance], height: int, width: int) -> np.ndarray:
-    count = np.zeros((height, width), np.uint16)
-    for inst in instances:
-        count += inst.mask
-    return count
-
-
-@dataclass
 class DecodedImage:
     data: bytes  # bytes to store: the original file or a re-encoding
     ext: str  # "jpg" or "png"
@@ -465,12 +379,3 @@ def read_image(path: Path, entry: ImageEntry) -> tuple[DecodedImage | None, Prob
         if fmt != "PNG":
             actions.append(f"reencoded_{fmt}_to_PNG")
     return DecodedImage(buf.getvalue(), ext, img.size[0], img.size[1], actions), None
-
-
-def iter_labelled(
-    entries: Iterable[ImageEntry], policy: str, crowd: str
-) -> Iterable[tuple[ImageEntry, list[Instance], np.ndarray]]:
-    """(entry, instances, label map) per entry; a convenience for analyses that don't read images."""
-    for e in entries:
-        inst = decode_instances(e)
-        yield e, inst, rasterise(inst, e.height, e.width, policy, crowd)

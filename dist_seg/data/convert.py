@@ -38,14 +38,11 @@ from dist_seg.data.coco import (
     Problem,
     Report,
     build_class_map,
-    class_count,
-    decode_instances,
     index_dataset,
-    instance_count,
     load_coco,
-    rasterise,
     read_image,
 )
+from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

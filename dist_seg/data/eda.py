@@ -38,14 +38,16 @@ from dist_seg.data.coco import (
     OVERLAP_POLICIES,
     ClassMap,
     ImageEntry,
-    Instance,
     Report,
     build_class_map,
+    index_dataset,
+    load_coco,
+)
+from dist_seg.data.raster import (
+    Instance,
     class_count,
     decode_instances,
-    index_dataset,
     instance_count,
-    load_coco,
     paint_order,
     rasterise,
 )

@@ -23,10 +23,9 @@ from dist_seg.data.coco import (
     ClassMap,
     ImageEntry,
     Report,
-    decode_instances,
-    rasterise,
 )
 from dist_seg.data.coco import read_image as read_checked_image
+from dist_seg.data.raster import decode_instances, rasterise
 from dist_seg.viz import class_palette, colorize
 
 if TYPE_CHECKING:
