@@ -25,6 +25,7 @@ from dist_seg.data.stream import build_eval_loader, build_train_loader, resolve_
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import build_model, input_constraints
+from dist_seg.models.vgg import format_load_report
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.tb import TBLogger
 
@@ -196,6 +197,8 @@ def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], 
         )
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, num_classes).to(info.device)
+    if getattr(model, "pretrained_report", None) is not None:
+        _log(info, format_load_report(model.pretrained_report, str(cfg.model.pretrained)))
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and info.world_size > 1:
