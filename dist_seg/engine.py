@@ -250,6 +250,8 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        if resume is not None:
+            monitor.trim_history(out, state.step)
     tb = TBLogger(out / "tb", enabled=info.is_main, purge_step=state.step + 1 if resume is not None else None)
     tb.text("config", to_yaml(cfg), preformatted=True)
     _log(

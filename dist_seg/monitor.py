@@ -141,3 +141,15 @@ def same_size(kept: list) -> list:
     """Visualised images must stack: keep those with the first one's size."""
     h, w = kept[0][1].shape
     return [k for k in kept if k[1].shape == (h, w)]
+
+
+def trim_history(out_dir: Path, step: int) -> None:
+    """After a resume from `step`, drop metrics_history.jsonl entries the crashed run wrote after it, as
+    TensorBoard's purge_step does for the event files."""
+    path = Path(out_dir) / "metrics_history.jsonl"
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
