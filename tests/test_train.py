@@ -130,30 +130,34 @@ def test_config_errors_fail_before_any_process_group(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_torchrun_agents_train_together_like_two_nodes(trash_shards, tmp_path: Path) -> None:
+    """launch/multinode.sh twice on one machine (node ranks 0 and 1, c10d rendezvous), as on two nodes."""
     train, val = trash_shards
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    procs = []
-    for node in range(2):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=2",
-            "--nproc_per_node=1",
-            f"--node_rank={node}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=multinode",
-            "--module",
-            *TRAIN[1:],
-            *_overrides(train, val, tmp_path / "run", **{"train.max_steps": 4, "data.num_workers": 0}),
-        ]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DIST_SEG_VENV": str(Path(sys.executable).resolve().parents[1]),  # this venv: set-up is a no-op
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "MAX_RESTARTS": "0",
+    }
+    args = [
+        str(REPO / "configs/cpu_small.yaml"),
+        *_overrides(train, val, tmp_path / "run", **{"train.max_steps": 4, "data.num_workers": 0}),
+    ]
+    procs = [
+        subprocess.Popen(
+            ["bash", str(REPO / "launch/multinode.sh"), *args],
+            cwd=REPO,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        for node in range(2)
+    ]
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (o, e) in zip(procs, outs, strict=True):
         assert p.returncode == 0, o[-2000:] + e[-3000:]
