@@ -207,3 +207,27 @@ def test_overfits_eight_images(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["miou"] >= 0.9, metrics["iou"]
+
+
+@pytest.mark.slow
+def test_launch_train_script(trash_shards, tmp_path: Path) -> None:
+    """launch/train.sh as the README shows it: all local GPUs, or 2 gloo processes on a CPU machine."""
+    env = {**os.environ, "DIST_SEG_VENV": str(Path(sys.executable).resolve().parents[1]), "NPROC": "2"}
+    args = [
+        str(REPO / "configs/cpu_small.yaml"),
+        f"data.train_shards={trash_shards[0]}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "model.name=fcn8s",
+        "data.crop_size=64",
+        "train.max_steps=2",
+    ]
+    r = subprocess.run(
+        ["bash", str(REPO / "launch/train.sh"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 process(es) on cpu" in r.stdout and (tmp_path / "run" / "last.pt").is_file()
