@@ -244,6 +244,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key train.max_steps={cfg.train.max_steps}: must be >= 1 or null")
     if cfg.train.epochs < 1:
         raise ValueError(f"config key train.epochs={cfg.train.epochs}: must be >= 1")
+    if cfg.loss.ignore_index != 255:
+        # shards, crop padding and eval padding all mark ignored pixels 255 (the shard format's contract)
+        raise ValueError(
+            f"config key loss.ignore_index={cfg.loss.ignore_index}: only 255 is supported (the shard format's ignore value)"
+        )
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"config key optim.betas={cfg.optim.betas}: needs two values")
     return cfg

@@ -97,6 +97,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """`any_rank` for several flags with one all-reduce."""
+    if not _active():
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 def mean_across_ranks(value: float, device: torch.device) -> float:
     if not _active():
         return value
@@ -242,6 +251,7 @@ def no_sync_if(model: nn.Module, skip_sync: bool) -> Any:
     """DDP's no_sync() for the non-final micro-steps of gradient accumulation; a null context otherwise."""
     import contextlib
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()

@@ -67,8 +67,9 @@ class StepContext:
 class StepOutput:
     loss: float
     grad_norm: float
-    skipped: bool
+    skipped: bool  # no optimizer update this step (non-finite loss or gradients on some rank)
     loss_scale: float
+    nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -97,7 +98,9 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     max_norm = ctx.clip_grad if ctx.clip_grad is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, max_norm)
     # every rank takes the same branch: a rank that stepped alone would desynchronise the replicas
-    nonfinite = D.any_rank(not bool(torch.isfinite(total) & torch.isfinite(grad_norm)), ctx.device)
+    finite_loss, finite_grad = bool(torch.isfinite(total)), bool(torch.isfinite(grad_norm))
+    flags = D.any_rank_flags([not finite_loss, not finite_grad], ctx.device)
+    nonfinite, bad_loss = flags[0] or flags[1], flags[0]
     if nonfinite:
         if ctx.scaler is not None:  # what GradScaler does on inf/NaN: skip and back off the scale
             ctx.scaler.update(ctx.scaler.get_scale() * ctx.scaler.get_backoff_factor())
@@ -109,7 +112,7 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scheduler.step()
     scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
-    return StepOutput(float(total), float(grad_norm), nonfinite, float(scale))
+    return StepOutput(float(total), float(grad_norm), nonfinite, float(scale), bad_loss)
 
 
 @torch.inference_mode()
@@ -277,7 +280,8 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
             out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
             state.step += 1
             state.batch_in_epoch += cfg.train.grad_accum
-            state.nonfinite_streak = state.nonfinite_streak + 1 if out_step.skipped else 0
+            # a GradScaler overflow while fp16 tunes its scale is routine: only non-finite losses count
+            state.nonfinite_streak = state.nonfinite_streak + 1 if out_step.nonfinite_loss else 0
             if state.nonfinite_streak >= cfg.train.max_nonfinite:
                 raise RuntimeError(
                     f"non-finite loss or gradients at step {state.step}: {state.nonfinite_streak} consecutive "

@@ -26,7 +26,7 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.n = 0
+        self.n = self.updates = 0
         self.loss = self.grad_norm = self.wait = self.time = 0.0
         self.scale, self.skipped_samples = 1.0, 0
         self.t0 = time.perf_counter()
@@ -34,6 +34,7 @@ class Window:
     def add(self, o: Any, wait: float, dt: float, skipped_samples: int) -> None:
         self.n += 1
         if not o.skipped:
+            self.updates += 1
             self.loss += o.loss
             self.grad_norm += o.grad_norm
         self.wait += wait
@@ -55,13 +56,14 @@ def log_window(
 ) -> None:
     """TensorBoard scalars and one progress line for the steps since the last call (a collective: every rank
     calls it at the same steps)."""
-    loss = D.mean_across_ranks(w.loss / max(w.n, 1), info.device)
+    # averages over the steps that updated the weights; NaN when every step of the window was skipped
+    loss = D.mean_across_ranks(w.loss / w.updates if w.updates else math.nan, info.device)
     skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), info.device) * info.world_size))
     elapsed = time.perf_counter() - w.t0
     ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * info.world_size / max(elapsed, 1e-9)
     values = {
         "train/loss": loss,
-        "train/grad_norm": w.grad_norm / max(w.n, 1),
+        "train/grad_norm": w.grad_norm / w.updates if w.updates else math.nan,
         "train/loss_scale": w.scale,
         "train/images_per_s": ips,
         "train/data_wait_frac": w.wait / max(w.time, 1e-9),

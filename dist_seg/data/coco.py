@@ -36,6 +36,7 @@ REASONS: dict[str, str] = {
     "missing_image_file": "image file not found",
     "unreadable_image": "image file cannot be decoded (unreadable or truncated)",
     "size_mismatch": "image size differs from the json's width/height after EXIF orientation",
+    "bad_annotation_entry": "annotation is not an object, or its id, image_id or iscrowd has the wrong type",
     "duplicate_annotation_id": "annotation id already used by an earlier annotation (the later one is dropped)",
     "missing_image_id": "annotation refers to an image id that has no (valid) image entry",
     "unknown_category": "annotation category_id is not in categories",
@@ -123,6 +124,10 @@ def load_coco(path: str | Path) -> dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, str)
 
 
 def is_background_name(name: str) -> bool:
@@ -250,6 +255,21 @@ def check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, list[Pro
                 return None, [Problem("bad_rle", "uncompressed RLE counts do not sum to height*width")], ""
             return mask_utils.frPyObjects(seg, height, width), [], ""
         if isinstance(counts, str | bytes):
+            runs = compressed_rle_counts(counts)
+            # pycocotools decodes short counts into uninitialised memory and rejects long ones without
+            # naming the annotation, so the run lengths are checked here
+            if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+                total = "unreadable" if runs is None else sum(runs)
+                return (
+                    None,
+                    [
+                        Problem(
+                            "bad_rle",
+                            f"compressed RLE counts sum to {total}, not height*width={height * width}",
+                        )
+                    ],
+                    "",
+                )
             return {"size": size, "counts": counts}, [], ""
         return None, [Problem("bad_rle", f"RLE counts of type {type(counts).__name__}")], ""
     return (
@@ -257,6 +277,32 @@ def check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, list[Pro
         [Problem("empty_segmentation", f"segmentation is {type(seg).__name__}, not polygons or RLE")],
         "",
     )
+
+
+def compressed_rle_counts(counts: str | bytes) -> list[int] | None:
+    """Run lengths of COCO's compressed RLE string (6-bit chunks from '0', sign bit, deltas from the run two
+    back), or None when the string is malformed."""
+    data = counts.encode() if isinstance(counts, str) else counts
+    runs: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                return None
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
 
 
 def index_dataset(
@@ -294,7 +340,15 @@ def index_dataset(
 
     seen_ann_ids: set[Any] = set()
     for pos, ann in enumerate(coco.get("annotations") or []):
-        ann = ann if isinstance(ann, dict) else {"id": None, "image_id": None}
+        crowd_flag = ann.get("iscrowd", 0) if isinstance(ann, dict) else None
+        if (
+            not isinstance(ann, dict)
+            or not all(_is_id(ann.get(k)) or ann.get(k) is None for k in ("id", "image_id"))
+            or crowd_flag not in (0, 1, "0", "1")  # also admits False/True
+        ):
+            shown = {k: ann.get(k) for k in ("id", "image_id", "iscrowd")} if isinstance(ann, dict) else ann
+            report.problem(Problem("bad_annotation_entry", f"annotations[{pos}]: {str(shown)[:200]}"))
+            continue
         aid = ann.get("id")
         if aid is not None and aid in seen_ann_ids:
             report.problem(Problem("duplicate_annotation_id", _ann_where(ann)))
@@ -305,14 +359,14 @@ def index_dataset(
             report.problem(Problem("missing_image_id", _ann_where(ann)))
             continue
         cid = ann.get("category_id")
-        if cid not in class_map.known_ids:
+        if not _is_int(cid) or cid not in class_map.known_ids:
             report.problem(Problem("unknown_category", f"{_ann_where(ann, image)} category_id={cid!r}"))
             image.dropped_anns += 1
             continue
         if cid not in class_map.index_of:
             report.remapped["class_not_selected"] += 1
             continue
-        is_crowd = bool(ann.get("iscrowd", 0))
+        is_crowd = crowd_flag in (1, "1")
         if is_crowd and crowd == "skip":
             report.remapped["crowd_skipped"] += 1
             continue

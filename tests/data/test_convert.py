@@ -230,6 +230,11 @@ BAD_CASES = {
     "duplicate_image_id": (lambda c, d: c["images"][1].update(id=1), "id=1"),
     "duplicate_annotation_id": (lambda c, d: c["annotations"][2].update(id=10), "id=10"),
     "bad_key": (lambda c, d: c["images"][1].update(id="../2.x"), "'../2.x'"),
+    "bad_rle": (
+        lambda c, d: c["annotations"][2].update(segmentation={"size": [30, 40], "counts": "0"}),
+        "id=20",
+    ),
+    "bad_annotation_entry": (lambda c, d: c["annotations"][2].update(image_id=[2]), "annotations[2]"),
 }
 
 
@@ -400,3 +405,20 @@ def test_converter_survives_every_bad_input_at_once_and_reruns_identically(tmp_p
     files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     _run(tmp_path, coco)
     assert files == {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+
+def test_rle_runs_must_cover_the_image_and_iscrowd_is_parsed(tmp_path: Path) -> None:
+    coco = _good_coco(tmp_path / "img")
+    long_rle = mask_utils.encode(np.asfortranarray(np.ones((31, 40), np.uint8)))["counts"].decode()
+    coco["annotations"][2]["segmentation"] = {
+        "size": [30, 40],
+        "counts": long_rle,
+    }  # 31x40 runs in a 30x40 box
+    coco["annotations"][4]["iscrowd"] = "0"  # a string flag: not crowd
+    coco["annotations"][6]["iscrowd"] = "yes"
+    coco["annotations"][7]["category_id"] = [3]
+    m, log = _run(tmp_path, coco, crowd="ignore")
+    assert m["dropped"] == {"bad_rle": 1, "bad_annotation_entry": 1, "unknown_category": 1}, log
+    assert "compressed RLE counts sum to 1240, not height*width=1200" in log
+    label = decode_png(read_shards(tmp_path / "out")["000000000003"]["seg.png"])
+    assert label[3, 3] == 2  # image 3's bag (annotation 30, iscrowd "0") is painted, not ignored
