@@ -80,7 +80,12 @@ def test_ddp_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted_run(trash_shards, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"model.name": "fcn8s", "data.crop_size": 64}],  # fcn8s has dropout: the RNG must resume exactly too
+    ids=["deconvnet", "fcn8s-dropout"],
+)
+def test_resume_after_kill_equals_uninterrupted_run(model: dict, trash_shards, tmp_path: Path) -> None:
     train, val = trash_shards
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
@@ -95,6 +100,7 @@ def test_resume_after_kill_equals_uninterrupted_run(trash_shards, tmp_path: Path
                 "null",
                 out,
                 **{"train.max_steps": 8, "train.save_every": 4, "train.log_every": 1, "data.num_workers": 1},
+                **model,
             ),
         ]
         return subprocess.run(args, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)

@@ -8,7 +8,8 @@ and lay the shards end to end as one sequence of N samples (N from the manifests
     its worker w -> a contiguous run of whole batches inside that range (S split as evenly as possible)
 
 so every rank yields exactly S full batches, whatever the shard sizes, and no sample is used twice in an
-epoch; the N - S*B*W samples at the end of the epoch's order sit the epoch out (a different tail each epoch).
+epoch. Each epoch reads that sequence cyclically from an offset drawn from (seed, epoch), so the
+N - S*B*W samples that sit an epoch out change every epoch, even with a single shard.
 Ranges cut shards at sample level, so any shard count works: with fewer shards than ranks x workers, readers
 share shards (rank 0 warns). A reader walks the tar headers and seeks over samples outside its range.
 Inside a worker, raw samples pass a shuffle buffer (data.shuffle_buffer) before decoding and augmentation.
@@ -73,7 +74,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _REFILL_RING = 16  # recent good samples a worker may re-use in place of skipped ones
-_TAG_SHARDS, _TAG_AUG = 1, 2
+_TAG_SHARDS, _TAG_AUG, _TAG_OFFSET = 1, 2, 3
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -101,12 +102,32 @@ def epoch_order(shard_samples: dict[str, int], seed: int, epoch: int, shuffle: b
 
 
 def train_pieces(
-    order: list[tuple[str, int]], steps: int, batch_size: int, rank: int, num_workers: int, worker: int
+    order: list[tuple[str, int]],
+    steps: int,
+    batch_size: int,
+    rank: int,
+    num_workers: int,
+    worker: int,
+    offset: int = 0,
 ) -> tuple[list[Piece], int]:
-    """(pieces, number of batches) of one worker of one rank; see the module docstring."""
+    """(pieces, number of batches) of one worker of one rank; see the module docstring. The sequence is read
+    cyclically from `offset`, so the samples that sit an epoch out change from epoch to epoch even when there
+    are too few shards for the shard shuffle to move them."""
     batches = [steps // num_workers + (w < steps % num_workers) for w in range(num_workers)]
     start = (rank * steps + sum(batches[:worker])) * batch_size
-    return cut(order, start, start + batches[worker] * batch_size), batches[worker]
+    stop = start + batches[worker] * batch_size
+    n = sum(c for _, c in order)
+    if n == 0 or start == stop:
+        return cut(order, start, stop), batches[worker]
+    a = (start + offset) % n
+    b = a + (stop - start)
+    pieces = cut(order, a, min(b, n)) + (cut(order, 0, b - n) if b > n else [])
+    return pieces, batches[worker]
+
+
+def epoch_offset(total: int, seed: int, epoch: int, shuffle: bool) -> int:
+    """Where an epoch starts reading the laid-out sequence (0 without shuffling)."""
+    return derive_seed(_TAG_OFFSET, seed, epoch) % total if shuffle and total > 0 else 0
 
 
 def eval_pieces(
@@ -130,6 +151,9 @@ def _dataloader(cfg: DataConfig, dataset: IterableDataset) -> DataLoader:
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
         prefetch_factor=2 if cfg.num_workers > 0 else None,
+        # workers seed themselves from (seed, rank, worker, epoch); a private generator keeps the loader's
+        # base-seed draw out of the global RNG, so a resumed run's dropout masks match an uninterrupted run's
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -160,7 +184,8 @@ class _TrainStream(IterableDataset):
         worker, num_workers = _worker()
         epoch, b, crop = self.epoch.value, self.cfg.batch_size, self.cfg.crop_size
         order = epoch_order(self.info["shard_samples"], self.seed, epoch, self.cfg.shuffle_shards)
-        pieces, n_batches = train_pieces(order, self.steps, b, self.rank, num_workers, worker)
+        offset = epoch_offset(self.info["total_samples"], self.seed, epoch, self.cfg.shuffle_shards)
+        pieces, n_batches = train_pieces(order, self.steps, b, self.rank, num_workers, worker, offset)
         rng = random.Random(derive_seed(_TAG_AUG, self.seed, self.rank, worker, epoch))
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors, self.skipped_before.value)
         samples = self._samples(pieces, n_batches * b, rng, errors)
