@@ -190,6 +190,30 @@ def _resume(
         restore_rng_state(ck["rng"][rank])
 
 
+def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, info: D.DistInfo) -> Path | None:
+    """Rank 0 picks the checkpoint to resume from (or none) and every rank must be able to read it: a rank
+    that decided alone could start fresh while the others resume, and DDP would average diverged replicas."""
+    choice: tuple[str | None, str | None] = (None, None)
+    if info.is_main:
+        try:
+            path = ckpts.resume_path(cfg.train.resume)
+            choice = (str(path) if path is not None else None, None)
+        except ValueError as e:
+            choice = (None, str(e))
+    path, error = D.broadcast_object(choice)
+    if error is not None:
+        raise ValueError(error)
+    blind = [
+        r for r, bad in enumerate(D.all_gather_object(path is not None and not Path(path).is_file())) if bad
+    ]
+    if blind:
+        raise ValueError(
+            f"rank 0 resumes from {path}, which rank(s) {blind} cannot read: train.out_dir must be on a "
+            "filesystem that every node shares (or set train.resume to a path all nodes can read)"
+        )
+    return Path(path) if path is not None else None
+
+
 def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], Any, int]:
     """Model, optimizer, scheduler, scaler, loss and the train loader, ready to step."""
     _, manifest = resolve_shards(cfg.data.train_shards)
@@ -246,7 +270,7 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
     steps_per_epoch, total_steps = manifest["steps_per_epoch"], manifest["total_steps"]
     ckpts = CheckpointManager(out, cfg.train.keep_last)
     state = TrainState()
-    resume = ckpts.resume_path(cfg.train.resume)
+    resume = _agree_on_resume(ckpts, cfg, info)
     if resume is not None:
         _resume(resume, cfg, ctx, state, num_classes, info.rank)
         _log(info, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")

@@ -322,3 +322,47 @@ def test_full_disk_names_the_path_and_keeps_previous_checkpoint(trash_shards, tm
     args[args.index(f"train.out_dir={out}")] = f"train.out_dir={blocker / 'run'}"
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and str(blocker / "run") in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_resume_needs_a_checkpoint_every_node_can_read(trash_shards, tmp_path: Path) -> None:
+    """Two 'nodes' with a relative out_dir in different working directories: node 0 sees last.pt, node 1
+    does not. Instead of node 1 silently starting fresh, both stop with an error naming the file."""
+    from launch_utils import free_port
+
+    def agents(max_steps: int) -> list[subprocess.CompletedProcess]:
+        port, procs = free_port(), []
+        for node in range(2):
+            cwd = tmp_path / f"node{node}"
+            cwd.mkdir(exist_ok=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                *_train_args(
+                    trash_shards[0], Path("run"), f"train.max_steps={max_steps}", "train.timeout_s=60"
+                ),
+            ]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+        outs = [p.communicate(timeout=300) for p in procs]
+        return [
+            subprocess.CompletedProcess(p.args, p.returncode, o, e)
+            for p, (o, e) in zip(procs, outs, strict=True)
+        ]
+
+    first = agents(2)
+    assert all(r.returncode == 0 for r in first), first[0].stderr[-2000:] + first[1].stderr[-2000:]
+    second = agents(4)
+    assert all(r.returncode != 0 for r in second)
+    assert all("which rank(s) [1] cannot read" in r.stderr for r in second), second[0].stderr[-2000:]
+    assert "run/last.pt" in second[1].stderr
