@@ -24,7 +24,7 @@ from dist_seg.config import Config, save_config, to_dict, to_yaml
 from dist_seg.data.stream import build_eval_loader, build_train_loader, resolve_shards
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
-from dist_seg.models import build_model, input_constraints
+from dist_seg.models import build_model, input_constraints, padded_size
 from dist_seg.models.vgg import format_load_report
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.tb import TBLogger
@@ -128,22 +128,29 @@ def evaluate(
 ) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Exact distributed evaluation: a per-rank int64 confusion matrix, all-reduced once at the end.
 
-    Ranks may see different numbers of batches, so nothing here communicates per batch. `keep` returns the
-    first images of this rank as (image, target, prediction) for visualisation.
+    Ranks may see different numbers of batches, so nothing here communicates per batch. Each image is run at
+    its own padded size (images of equal padded size together), so a prediction never depends on which
+    images share its batch, and metrics do not depend on the batch size or the world size. `keep` returns
+    the first images of this rank as (image, target, prediction) for visualisation.
     """
     model = D.unwrap(model)
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
-        images = to_device(batch.images, device, channels_last)
-        masks = to_device(batch.masks, device)
-        with autocast(device, amp_dtype):
-            pred = model(images).argmax(1)
-        cm.update(pred, masks)
-        for i in range(min(keep - len(kept), len(images))):
-            h, w = batch.sizes[i]
-            kept.append((batch.images[i, :, :h, :w], batch.masks[i, :h, :w], pred[i, :h, :w].cpu()))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(batch.sizes):
+            groups.setdefault((padded_size(h, model), padded_size(w, model)), []).append(i)
+        for (ph, pw), idx in groups.items():
+            images = to_device(batch.images[idx, :, :ph, :pw], device, channels_last)
+            masks = to_device(batch.masks[idx, :ph, :pw], device)  # beyond each image: 255, ignored
+            with autocast(device, amp_dtype):
+                pred = model(images).argmax(1)
+            cm.update(pred, masks)
+            for j, i in enumerate(idx):
+                if len(kept) < keep:
+                    h, w = batch.sizes[i]
+                    kept.append((batch.images[i, :, :h, :w], batch.masks[i, :h, :w], pred[j, :h, :w].cpu()))
     cm.reduce_(D.all_reduce_sum_)
     return cm, kept
 
