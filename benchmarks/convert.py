@@ -58,8 +58,13 @@ def repeat_dataset(ann: Path, n_images: int, out: Path) -> Path:
 
 def run(ann: Path, images: Path, workers: int, tmp: Path) -> tuple[int, float, float]:
     out = tmp / f"shards-{workers}-{ann.stem}"
-    r = subprocess.run([sys.executable, "-c", _RUNNER, str(ann), str(images), str(out), str(workers)],
-                       capture_output=True, text=True, check=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(ann), str(images), str(out), str(workers)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     n, dt, own, kids = r.stdout.split()
     return int(n), int(n) / float(dt), max(int(own), int(kids)) / 1024
 
@@ -83,8 +88,10 @@ def main() -> None:
                 n, ips, rss = run(big, root / img_rel, workers, tmp)
                 print(f"{name}: {n} images, --workers {workers}: {ips:.1f} images/s, peak RSS {rss:.0f} MB")
                 results[(name, workers)] = (ips, rss)
-            print(f"{name}: peak RSS {rss_small:.0f} MB at {a.images // 4} images vs "
-                  f"{results[(name, 1)][1]:.0f} MB at {a.images} images (--workers 1)")
+            print(
+                f"{name}: peak RSS {rss_small:.0f} MB at {a.images // 4} images vs "
+                f"{results[(name, 1)][1]:.0f} MB at {a.images} images (--workers 1)"
+            )
     speedups = [results[(n, 2)][0] / results[(n, 1)][0] for n in DATASETS if (n, 1) in results]
     print(f"time={time.strftime('%Y-%m-%d')} workers2_speedup={min(speedups):.2f}" if speedups else "no data")
 

@@ -45,11 +45,23 @@ def make(name: str, width: float, classes: int, amp: str, device: torch.device, 
     return model, opt
 
 
-def ctx_for(model, opt, amp: str, device: torch.device, classes: int, channels_last: bool = False) -> StepContext:
+def ctx_for(
+    model, opt, amp: str, device: torch.device, classes: int, channels_last: bool = False
+) -> StepContext:
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    return StepContext(model, opt, build_scheduler(opt, SchedConfig(name="poly"), 10**6), scaler,
-                       build_loss(LossConfig(), classes).to(device), device, AMP_DTYPES[amp], None,
-                       channels_last, 5, [p for p in model.parameters() if p.requires_grad])
+    return StepContext(
+        model,
+        opt,
+        build_scheduler(opt, SchedConfig(name="poly"), 10**6),
+        scaler,
+        build_loss(LossConfig(), classes).to(device),
+        device,
+        AMP_DTYPES[amp],
+        None,
+        channels_last,
+        5,
+        [p for p in model.parameters() if p.requires_grad],
+    )
 
 
 def bare_step(model, opt, x, y, dtype) -> None:
@@ -65,7 +77,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def overhead(name: str, width: float, size: int, batch: int, amp: str, steps: int, device: torch.device) -> float:
+def overhead(
+    name: str, width: float, size: int, batch: int, amp: str, steps: int, device: torch.device
+) -> float:
     classes = 11
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, classes, (batch, size, size), device=device)
@@ -86,8 +100,10 @@ def overhead(name: str, width: float, size: int, batch: int, amp: str, steps: in
             bare.append(t2 - t)
             ours.append(t3 - t2)
     b, o = statistics.median(bare), statistics.median(ours)
-    print(f"{name} w={width} {size}px batch {batch} amp={amp} on {device}: bare {b * 1e3:.1f} ms/step, "
-          f"train_step {o * 1e3:.1f} ms/step, ratio {o / b:.3f}")
+    print(
+        f"{name} w={width} {size}px batch {batch} amp={amp} on {device}: bare {b * 1e3:.1f} ms/step, "
+        f"train_step {o * 1e3:.1f} ms/step, ratio {o / b:.3f}"
+    )
     return o / b
 
 
@@ -122,9 +138,25 @@ def processes(args: argparse.Namespace) -> dict[int, float]:
     out = {}
     for n in (1, 2):
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               __file__, "--ddp-child", "--model", args.model, "--width", str(args.width),
-               "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            __file__,
+            "--ddp-child",
+            "--model",
+            args.model,
+            "--width",
+            str(args.width),
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=True)
         out[n] = float(next(line for line in r.stdout.splitlines() if line.startswith("IPS")).split()[1])
         print(f"{n} process(es) x batch {args.batch}: {out[n]:.2f} images/s (CPU, gloo, DDP)")
@@ -137,7 +169,12 @@ def gpu_section(steps: int) -> None:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     print(f"GPU: {name}")
     flops_per_img = 3 * 2 * 192.0e9  # forward MACs of DeconvNet at 512^2 x 2 FLOPs x 3 (fwd + bwd)
-    for amp, cl, comp in (("off", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", True, True)):
+    for amp, cl, comp in (
+        ("off", False, False),
+        ("bf16", False, False),
+        ("bf16", True, False),
+        ("bf16", True, True),
+    ):
         model, opt = make("deconvnet", 1.0, 11, amp, dev, cl)
         run_model = torch.compile(model) if comp else model
         ctx = ctx_for(run_model, opt, amp, dev, 11, cl)
@@ -162,7 +199,9 @@ def gpu_section(steps: int) -> None:
         x = torch.randn(batch, 3, 512, 512, device=dev)
         y = torch.randint(0, 11, (batch, 512, 512), device=dev)
         train_step(ctx, [(x, y)], 1)
-        print(f"deconvnet 512px bf16 batch {batch}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(
+            f"deconvnet 512px bf16 batch {batch}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        )
         del model, opt, ctx
         torch.cuda.empty_cache()
 

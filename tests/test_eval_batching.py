@@ -32,6 +32,8 @@ def test_mixed_size_images_score_the_same_at_any_eval_batch_size(tmp_path: Path)
             cm, _ = evaluate(model, loader, 81, 255, torch.device("cpu"), None)
             matrices.append(cm.matrix.clone())
     coco = json.loads(ann.read_text())
-    assert int(matrices[0].sum()) == sum(im["height"] * im["width"] for im in coco["images"])  # every pixel once
+    assert int(matrices[0].sum()) == sum(
+        im["height"] * im["width"] for im in coco["images"]
+    )  # every pixel once
     for m in matrices[1:]:
         assert torch.equal(m, matrices[0])
