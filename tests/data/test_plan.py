@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dist_seg.data.stream import epoch_offset, epoch_order, train_pieces
+from dist_seg.data.plan import epoch_offset, epoch_order, train_pieces
 
 
 def _samples(order, steps, batch, world, workers, offset) -> list[list[tuple[str, int]]]:
