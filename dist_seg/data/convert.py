@@ -11,10 +11,8 @@ and makes shard contents independent of --workers, so re-runs are byte-identical
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import math
 import os
 import sys
 import tarfile
@@ -43,6 +41,7 @@ from dist_seg.data.coco import (
     read_image,
 )
 from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
+from dist_seg.data.shard_writer import fixed_tarinfo, plan_shard_counts, split_staging
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -76,15 +75,6 @@ class SampleResult:
     multi_instance: int
     multi_class: int
     actions: list[str]
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    # fixed metadata so identical inputs give identical bytes
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = size, 0, 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    return ti
 
 
 def _png_bytes(label: np.ndarray) -> bytes:
@@ -174,57 +164,6 @@ class _Stats:
         self.images_with_overlap += r.multi_instance > 0
 
 
-def _plan_shards(n: int, total_bytes: int, opts: ConvertOptions) -> list[int]:
-    """Near-equal sample counts per shard honouring samples-per-shard, shard-size and min-shards."""
-    spp = opts.samples_per_shard
-    if spp is None and opts.shard_size_mb is None:
-        spp = DEFAULT_SAMPLES_PER_SHARD
-    k = max(1, opts.min_shards)
-    if spp is not None:
-        k = max(k, math.ceil(n / spp))
-    if opts.shard_size_mb is not None:
-        k = max(k, math.ceil(total_bytes / (opts.shard_size_mb * 1e6)))
-    if n < opts.min_shards:
-        raise ValueError(
-            f"--min-shards {opts.min_shards} needs at least that many samples; only {n} were converted"
-        )
-    k = min(k, n) if n > 0 else 1
-    return [n // k + (1 if i < n % k else 0) for i in range(k)]
-
-
-def _split_staging(staging: Path, out: Path, counts: list[int]) -> list[dict[str, Any]]:
-    shards = []
-    with tarfile.open(staging, "r") as src:
-        members = iter(src)
-        pending = next(members, None)
-        for i, count in enumerate(counts):
-            name = f"shard-{i:06d}.tar"
-            with tarfile.open(out / name, "w", format=tarfile.GNU_FORMAT) as dst:
-                for _ in range(count):
-                    assert pending is not None
-                    key = pending.name.split(".", 1)[0]
-                    while pending is not None and pending.name.split(".", 1)[0] == key:
-                        dst.addfile(pending, src.extractfile(pending))
-                        pending = next(members, None)
-            shards.append(
-                {
-                    "name": name,
-                    "samples": count,
-                    "bytes": (out / name).stat().st_size,
-                    "sha256": _sha256(out / name),
-                }
-            )
-    return shards
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert(opts: ConvertOptions) -> dict[str, Any]:
     """Convert and return the manifest (also written to OUT/manifest.json)."""
     if opts.overlap not in OVERLAP_POLICIES:
@@ -260,7 +199,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
                     report.problem(problem)
                     continue
                 for name, data in result.members:
-                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                    tar.addfile(fixed_tarinfo(name, len(data)), io.BytesIO(data))
                     total_bytes += len(data)
                 for action in result.actions:
                     if action != "kept_original":
@@ -269,7 +208,11 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
                     stats.add(result)
                 written += 1
             bar.close()
-        shards = _split_staging(staging, out, _plan_shards(written, total_bytes, opts))
+        spp = opts.samples_per_shard
+        if spp is None and opts.shard_size_mb is None:
+            spp = DEFAULT_SAMPLES_PER_SHARD
+        counts = plan_shard_counts(written, total_bytes, spp, opts.shard_size_mb, opts.min_shards)
+        shards = split_staging(staging, out, counts)
     finally:
         staging.unlink(missing_ok=True)
 
