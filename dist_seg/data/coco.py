@@ -1,4 +1,5 @@
-"""Read and validate COCO instances datasets (rasterisation lives in dist_seg.data.raster).
+"""Read and validate COCO instances datasets (image files: dist_seg.data.images; rasterisation:
+dist_seg.data.raster).
 
 The converter and the EDA share everything here, so both report bad input with the same reasons and the same
 wording.
@@ -10,7 +11,6 @@ polygons, RLE sizes) and `read_image` checks the image file. Each problem is a `
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import Counter
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 OVERLAP_POLICIES = ("area", "order", "max-class", "ignore")
@@ -380,56 +379,3 @@ def index_dataset(
             {"id": aid, "pos": pos, "cls": class_map.index_of[cid], "crowd": is_crowd, "segmentation": seg}
         )
     return images
-
-
-@dataclass
-class DecodedImage:
-    data: bytes  # bytes to store: the original file or a re-encoding
-    ext: str  # "jpg" or "png"
-    width: int
-    height: int
-    actions: list[str]
-
-
-def read_image(path: Path, entry: ImageEntry) -> tuple[DecodedImage | None, Problem | None]:
-    """Read and check an image file; keep its original bytes unless EXIF rotation or colour conversion is needed."""
-    where = entry.where()
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None, Problem("missing_image_file", f"{where}: {path} does not exist")
-    except OSError as e:
-        return None, Problem("unreadable_image", f"{where}: {path}: {e}")
-    try:
-        img = Image.open(io.BytesIO(raw))
-        fmt = img.format
-        img.load()  # decodes fully: a truncated file fails here
-        orientation = img.getexif().get(0x0112, 1)
-        actions: list[str] = []
-        if orientation not in (1, None):
-            img = ImageOps.exif_transpose(img)
-            actions.append(f"exif_orientation_{orientation}")
-        if img.mode != "RGB":
-            actions.append(f"converted_{img.mode}_to_RGB")
-            img = img.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-        return None, Problem("unreadable_image", f"{where}: {path}: {type(e).__name__}: {e}")
-    if img.size != (entry.width, entry.height):
-        return None, Problem(
-            "size_mismatch",
-            f"{where}: file is {img.size[0]}x{img.size[1]}, json says {entry.width}x{entry.height}",
-        )
-    if fmt in ("JPEG", "PNG") and not actions:
-        return DecodedImage(
-            raw, "jpg" if fmt == "JPEG" else "png", img.size[0], img.size[1], ["kept_original"]
-        ), None
-    buf = io.BytesIO()
-    if fmt == "JPEG":
-        img.save(buf, format="JPEG", quality=95)
-        ext = "jpg"
-    else:
-        img.save(buf, format="PNG")
-        ext = "png"
-        if fmt != "PNG":
-            actions.append(f"reencoded_{fmt}_to_PNG")
-    return DecodedImage(buf.getvalue(), ext, img.size[0], img.size[1], actions), None

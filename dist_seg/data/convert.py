@@ -38,8 +38,8 @@ from dist_seg.data.coco import (
     build_class_map,
     index_dataset,
     load_coco,
-    read_image,
 )
+from dist_seg.data.images import read_image
 from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
 from dist_seg.data.shard_writer import fixed_tarinfo, plan_shard_counts, split_staging
 

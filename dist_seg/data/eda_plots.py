@@ -24,7 +24,7 @@ from dist_seg.data.coco import (
     ImageEntry,
     Report,
 )
-from dist_seg.data.coco import read_image as read_checked_image
+from dist_seg.data.images import read_image as read_checked_image
 from dist_seg.data.raster import decode_instances, rasterise
 from dist_seg.viz import class_palette, colorize
 
