@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,13 +239,6 @@ def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 def no_sync_if(model: nn.Module, skip_sync: bool) -> Any:
     """DDP's no_sync() for the non-final micro-steps of gradient accumulation; a null context otherwise."""
     import contextlib
@@ -255,9 +247,3 @@ def no_sync_if(model: nn.Module, skip_sync: bool) -> Any:
     if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
-
-
-def reducer(device: torch.device) -> Callable[[torch.Tensor], None]:
-    """An in-place SUM all-reduce usable by metrics.ConfusionMatrix.reduce_."""
-    del device
-    return all_reduce_sum_

@@ -22,9 +22,10 @@ from dist_seg import faults, monitor
 from dist_seg.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from dist_seg.config import Config, save_config, to_dict, to_yaml
 from dist_seg.data.stream import build_eval_loader, build_train_loader, resolve_shards
+from dist_seg.data.transforms import padded_size
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
-from dist_seg.models import build_model, input_constraints, padded_size
+from dist_seg.models import build_model, input_constraints, unwrap
 from dist_seg.models.vgg import format_load_report
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.tb import TBLogger
@@ -133,14 +134,15 @@ def evaluate(
     images share its batch, and metrics do not depend on the batch size or the world size. `keep` returns
     the first images of this rank as (image, target, prediction) for visualisation.
     """
-    model = D.unwrap(model)
+    model = unwrap(model)
     model.eval()
+    divisor, min_size = input_constraints(model)
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (h, w) in enumerate(batch.sizes):
-            groups.setdefault((padded_size(h, model), padded_size(w, model)), []).append(i)
+            groups.setdefault(padded_size(h, w, divisor, min_size), []).append(i)
         for (ph, pw), idx in groups.items():
             images = to_device(batch.images[idx, :, :ph, :pw], device, channels_last)
             masks = to_device(batch.masks[idx, :ph, :pw], device)  # beyond each image: 255, ignored
@@ -165,7 +167,7 @@ def _checkpoint_state(
 ) -> dict:
     rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
     return {
-        "model": D.unwrap(ctx.model).state_dict(),
+        "model": unwrap(ctx.model).state_dict(),
         "optimizer": ctx.optimizer.state_dict(),
         "scheduler": ctx.scheduler.state_dict(),
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else {},
@@ -187,7 +189,7 @@ def _resume(
             f"checkpoint {path} holds model {ck.get('model_name')!r} with {ck.get('num_classes')} classes, "
             f"but the config asks for {cfg.model.name!r} with {num_classes} classes"
         )
-    D.unwrap(ctx.model).load_state_dict(ck["model"])
+    unwrap(ctx.model).load_state_dict(ck["model"])
     ctx.optimizer.load_state_dict(ck["optimizer"])
     ctx.scheduler.load_state_dict(ck["scheduler"])
     if ctx.scaler is not None and ck["scaler"]:

@@ -13,7 +13,7 @@ from dist_seg import distributed as D
 from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.engine import StepContext, train_step
 from dist_seg.losses import build_loss
-from dist_seg.models import build_model
+from dist_seg.models import build_model, unwrap
 from dist_seg.optim import build_optimizer, build_scheduler
 
 STEPS, B, CLASSES = int(__import__("os").environ.get("EQ_STEPS", 3)), 2, 4
@@ -46,6 +46,6 @@ try:
     for s in range(STEPS):
         train_step(ctx, [(images[s, part], masks[s, part])], s + 1)
     if info.is_main:
-        torch.save(D.unwrap(model).state_dict(), sys.argv[1])
+        torch.save(unwrap(model).state_dict(), sys.argv[1])
 finally:
     D.cleanup()
