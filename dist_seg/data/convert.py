@@ -16,10 +16,7 @@ import json
 import os
 import sys
 import tarfile
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,7 @@ from dist_seg.data.coco import (
     load_coco,
 )
 from dist_seg.data.images import read_image
+from dist_seg.data.pool import ordered_map
 from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
 from dist_seg.data.shard_writer import fixed_tarinfo, plan_shard_counts, split_staging
 
@@ -83,16 +81,10 @@ def _png_bytes(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-# Worker state, set once per process by _init_worker (fork or spawn both work).
-_W: dict[str, Any] = {}
-
-
-def _init_worker(images_dir: str, class_map: ClassMap, overlap: str, crowd: str, labels: bool) -> None:
-    _W.update(images_dir=Path(images_dir), class_map=class_map, overlap=overlap, crowd=crowd, labels=labels)
-
-
-def _process(entry: ImageEntry) -> tuple[SampleResult | None, Problem | None]:
-    decoded, problem = read_image(_W["images_dir"] / entry.file_name, entry)
+def _process(
+    entry: ImageEntry, images_dir: str, class_map: ClassMap, overlap: str, crowd: str, labels: bool
+) -> tuple[SampleResult | None, Problem | None]:
+    decoded, problem = read_image(Path(images_dir) / entry.file_name, entry)
     if decoded is None:
         return None, problem
     meta: dict[str, Any] = {
@@ -106,40 +98,19 @@ def _process(entry: ImageEntry) -> tuple[SampleResult | None, Problem | None]:
     }
     members = [(f"{entry.key}.{decoded.ext}", decoded.data)]
     result = SampleResult(entry.key, members, None, None, 0, 0, decoded.actions)
-    if _W["labels"]:
-        cm: ClassMap = _W["class_map"]
+    if labels:
         inst = decode_instances(entry)
-        label = rasterise(inst, entry.height, entry.width, _W["overlap"], _W["crowd"])
-        meta.update(instances=len(inst), dropped_annotations=entry.dropped_anns, overlap_policy=_W["overlap"])
+        label = rasterise(inst, entry.height, entry.width, overlap, crowd)
+        meta.update(instances=len(inst), dropped_annotations=entry.dropped_anns, overlap_policy=overlap)
         members.append((f"{entry.key}.seg.png", _png_bytes(label)))
         result.class_pixels = np.bincount(label.ravel(), minlength=256).astype(np.int64)
-        result.instances_per_class = np.bincount([i.cls for i in inst], minlength=cm.num_classes).astype(
-            np.int64
-        )
+        result.instances_per_class = np.bincount(
+            [i.cls for i in inst], minlength=class_map.num_classes
+        ).astype(np.int64)
         result.multi_instance = int((instance_count(inst, entry.height, entry.width) >= 2).sum())
         result.multi_class = int((class_count(inst, entry.height, entry.width) >= 2).sum())
     members.insert(1, (f"{entry.key}.json", json.dumps(meta, sort_keys=True).encode()))
     return result, None
-
-
-def _results(entries: list[ImageEntry], opts: ConvertOptions, class_map: ClassMap, labels: bool) -> Iterator:
-    """(result, problem) per entry in json order, with at most a few entries in flight per worker."""
-    init = (opts.images, class_map, opts.overlap, opts.crowd, labels)
-    if opts.workers <= 1:
-        _init_worker(*init)
-        yield from map(_process, entries)
-        return
-    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-        opts.workers, initializer=_init_worker, initargs=init
-    ) as pool:
-        pending: deque = deque()
-        it = iter(entries)
-        for e in it:
-            pending.append(pool.apply_async(_process, (e,)))
-            if len(pending) >= 4 * opts.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 class _Stats:
@@ -193,7 +164,8 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
             bar = tqdm(
                 total=len(entries), unit="img", desc="convert", disable=not opts.progress, file=sys.stderr
             )
-            for result, problem in _results(entries, opts, class_map, labels):
+            args = (opts.images, class_map, opts.overlap, opts.crowd, labels)
+            for result, problem in ordered_map(_process, entries, opts.workers, args):
                 bar.update(1)
                 if result is None:
                     report.problem(problem)

@@ -21,10 +21,8 @@ import json
 import os
 import sys
 from array import array
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from dist_seg.data.coco import (
     index_dataset,
     load_coco,
 )
+from dist_seg.data.pool import ordered_map
 from dist_seg.data.raster import (
     Instance,
     class_count,
@@ -127,21 +126,6 @@ def image_stats(entry: ImageEntry, overlap: str, crowd: str) -> ImageStats:
     annotated = int((n_inst > 0).sum())
     classes, areas = [i.cls for i in inst], [i.area for i in inst]
     return ImageStats(label_pixels, classes, areas, annotated, multi, multi_class, pairs, changed)
-
-
-def _stream(entries: list[ImageEntry], overlap: str, crowd: str, workers: int) -> Iterator[ImageStats]:
-    """ImageStats per entry in order; with workers, at most a few entries in flight per worker (flat memory)."""
-    if workers <= 1:
-        yield from (image_stats(e, overlap, crowd) for e in entries)
-        return
-    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
-        pending: deque = deque()
-        for e in entries:
-            pending.append(pool.apply_async(image_stats, (e, overlap, crowd)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 class Totals:
@@ -348,7 +332,7 @@ def run_eda(
 
     totals = Totals(class_map.num_classes)
     bar = tqdm(total=len(entries), unit="img", desc="eda", disable=not progress, file=sys.stderr)
-    for pos, stats in enumerate(_stream(entries, overlap, crowd, workers)):
+    for pos, stats in enumerate(ordered_map(image_stats, entries, workers, (overlap, crowd))):
         totals.add(pos, entries[pos], stats)
         bar.update(1)
     bar.close()
