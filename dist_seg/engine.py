@@ -358,17 +358,7 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
     if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics
         metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
     if info.is_main and metrics:
-        tb.hparams(
-            {
-                "model": cfg.model.name,
-                "width_mult": cfg.model.width_mult,
-                "lr": cfg.optim.lr,
-                "batch_size": cfg.data.batch_size,
-                "world_size": info.world_size,
-                "amp": cfg.train.amp,
-            },
-            {"hparam/miou": metrics["miou"]},
-        )
+        monitor.report_hparams(cfg, tb, info.world_size, metrics)
     tb.close()
     return metrics
 

@@ -91,6 +91,19 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def report_hparams(cfg: Config, tb: TBLogger, world_size: int, metrics: dict[str, Any]) -> None:
+    """Rank 0, at the end: the run's main settings with its final mIoU, for TensorBoard's hparams view."""
+    settings = {
+        "model": cfg.model.name,
+        "width_mult": cfg.model.width_mult,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "world_size": world_size,
+        "amp": cfg.train.amp,
+    }
+    tb.hparams(settings, {"hparam/miou": metrics["miou"]})
+
+
 def report_eval(
     cfg: Config,
     tb: TBLogger,
