@@ -9,6 +9,8 @@ Batch arithmetic: global batch = data.batch_size x world size x train.grad_accum
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +139,7 @@ class LossConfig:
     focal_gamma: float = 2.0
     """Focusing parameter of the focal loss."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy term."""
+    """Label smoothing of the cross-entropy term (ce, ce+dice; with focal it is a config error)."""
 
 
 @dataclass
@@ -249,6 +251,12 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             f"config key loss.ignore_index={cfg.loss.ignore_index}: only 255 is supported (the shard format's ignore value)"
         )
+    if cfg.loss.name == "focal" and cfg.loss.label_smoothing != 0.0:
+        # the focal loss has no smoothed-target form here; ignoring the key silently would change the recipe
+        raise ValueError(
+            f"config keys loss.name=focal and loss.label_smoothing={cfg.loss.label_smoothing}: the focal loss "
+            "does not support label smoothing; set loss.label_smoothing=0 or use loss.name=ce / ce+dice"
+        )
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"config key optim.betas={cfg.optim.betas}: needs two values")
     return cfg
@@ -266,9 +274,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as e:  # yaml errors come in several types
             raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        _refuse_yaml_booleans_for_strings(OmegaConf.to_container(layer), Config, "", path)
+        layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"config override {item!r} must look like key=value (e.g. train.epochs=3)")
@@ -281,7 +291,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # one override at a time, so an error inside a list or dict names the override it came from
         key = item.split("=", 1)[0].strip()
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            merged = OmegaConf.merge(merged, _override_layer(item))
         except OmegaConfBaseException as e:
             inner = _key_of(e)
             detail = "" if inner in ("?", key) else f" ({inner})"
@@ -292,6 +302,75 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ValueError(f"config key {_key_of(e)}{where}: {_first_line(e)}") from e
     assert isinstance(cfg, Config)
     return validate(cfg)
+
+
+def _string_field(dotted: str) -> tuple[bool, bool] | None:
+    """(is a string field, may be null) for a dotted key naming a `str` / `str | None` field, else None."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+        if i < len(parts) - 1:
+            continue
+        args = (
+            typing.get_args(cls)
+            if isinstance(cls, types.UnionType) or typing.get_origin(cls) is typing.Union
+            else ()
+        )
+        if cls is str:
+            return True, False
+        if args and str in args and set(args) <= {str, type(None)}:
+            return True, True
+    return None
+
+
+def _override_layer(item: str) -> Any:
+    """One `key=value` override as an OmegaConf layer.
+
+    OmegaConf parses a command-line value as YAML 1.1, so `train.amp=off` would arrive as the boolean False
+    (and `yes`, `no`, `on`, `true`, `false` likewise). A string-valued key takes the text as typed instead;
+    `null` and `~` still mean null where the key may be null, and quotes around the whole value are removed.
+    """
+    key, raw = (part.strip() for part in item.split("=", 1))
+    kind = _string_field(key)
+    if kind is None:
+        return OmegaConf.from_dotlist([item])
+    _, nullable = kind
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        value: str | None = raw[1:-1]
+    elif nullable and raw in ("null", "~", "Null", "NULL"):
+        value = None
+    else:
+        value = raw
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return OmegaConf.create(nested)
+
+
+def _refuse_yaml_booleans_for_strings(node: Any, cls: Any, prefix: str, path: Path) -> None:
+    """A YAML file's unquoted `off` / `on` / `yes` / `no` is a boolean: refuse it where a string is meant,
+    saying what to type, rather than letting it become the string 'False'."""
+    if not isinstance(node, dict) or not dataclasses.is_dataclass(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for name, value in node.items():
+        if name not in hints:
+            continue  # unknown keys are reported by the merge, naming the key
+        dotted = f"{prefix}{name}"
+        if isinstance(value, bool) and _string_field(dotted) is not None:
+            choices = _CHOICES.get(dotted)
+            hint = f" (one of {', '.join(choices)})" if choices else ""
+            raise ValueError(
+                f"config key {dotted} in {path}: YAML reads the unquoted value as the boolean {value}, but "
+                f'the key takes a string{hint}: write it in quotes, e.g. {name}: "off"'
+            )
+        _refuse_yaml_booleans_for_strings(value, hints[name], f"{dotted}.", path)
 
 
 def _key_of(e: OmegaConfBaseException) -> str:

@@ -138,8 +138,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 class _CpuSyncBNFunction(torch.autograd.Function):
     """Batch norm whose statistics and input gradients span all ranks; the same math as torch's SyncBatchNorm.
 
-    Forward all-reduces per-channel (sum, sum of squares, count); backward all-reduces the per-channel sums of
-    dy and dy * (x - mean). Weight/bias gradients stay local: DDP averages them like any other parameter.
+    Forward: each rank computes its per-channel count, mean and centred sum of squares (`torch.var_mean`,
+    numerically stable), the ranks all-gather them, and the global mean and variance are combined in float64
+    with the parallel-variance formula (Chan et al.), as torch's CUDA SyncBatchNorm combines per-rank Welford
+    statistics. A one-pass E[x^2] - E[x]^2 from float32 sums cancels catastrophically when a channel's mean
+    is large against its spread (fc6/fc7 at 224 px see one value per image: a handful per channel).
+    Backward all-reduces the per-channel sums of dy and dy * xhat. Weight/bias gradients stay local: DDP
+    averages them like any other parameter.
     """
 
     @staticmethod
@@ -149,22 +154,27 @@ class _CpuSyncBNFunction(torch.autograd.Function):
         c = x32.shape[1]
         dims = [d for d in range(x32.dim()) if d != 1]
         local_n = x32.numel() // c
-        stats = torch.cat(
+        local_var, local_mean = torch.var_mean(x32, dim=dims, correction=0)
+        mine = torch.cat(
             [
-                x32.sum(dims).double(),
-                (x32 * x32).sum(dims).double(),
                 torch.tensor([float(local_n)], dtype=torch.float64),
+                local_mean.double(),
+                local_var.double() * local_n,  # centred sum of squares, M2
             ]
         )
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        per_rank = torch.stack(gathered)  # [world, 1 + 2c]
+        counts, means, m2s = per_rank[:, :1], per_rank[:, 1 : 1 + c], per_rank[:, 1 + c :]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        # M2 of the union = sum of per-rank M2 + sum of n_r * (mean_r - mean)^2: no cancellation
+        var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
             unbiased = var * n / (n - 1).clamp_min(1)
             running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
-        mean32, invstd = mean.to(x32.dtype), torch.rsqrt(var.to(x32.dtype) + eps)
+        mean32, invstd = mean.to(x32.dtype), torch.rsqrt(var + eps).to(x32.dtype)
         shape = [1, c] + [1] * (x32.dim() - 2)
         xhat = (x32 - mean32.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, invstd, weight)

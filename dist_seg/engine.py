@@ -103,8 +103,8 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     flags = D.any_rank_flags([not finite_loss, not finite_grad], ctx.device)
     nonfinite, bad_loss = flags[0] or flags[1], flags[0]
     if nonfinite:
-        if ctx.scaler is not None:  # what GradScaler does on inf/NaN: skip and back off the scale
-            ctx.scaler.update(ctx.scaler.get_scale() * ctx.scaler.get_backoff_factor())
+        if ctx.scaler is not None:
+            _skip_scaler_step(ctx.scaler)
     elif ctx.scaler is not None:
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
@@ -114,6 +114,19 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     ctx.scheduler.step()
     scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
     return StepOutput(float(total), float(grad_norm), nonfinite, float(scale), bad_loss)
+
+
+def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:
+    """What GradScaler.update() does after an inf/NaN: back off the scale and restart the growth count.
+
+    The skip is decided across ranks (a rank may have seen only a non-finite loss), so the scaler's own
+    found-inf record may be clean; `update(new_scale)` alone would leave the growth tracker running and the
+    scale would climb straight back. The growth tracker is reset through the public state-dict interface.
+    """
+    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # also clears the per-step unscale record
+    state = scaler.state_dict()
+    state["_growth_tracker"] = 0
+    scaler.load_state_dict(state)
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,12 +128,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
         size = sum(p.numel() for _, p in frozen)
         infos.append(GroupInfo("frozen", size, len(frozen), 0.0, 0.0, frozen=True, modules=_tops(frozen)))
 
-    in_groups = [id(p) for g in torch_groups for p in g["params"]]
-    trainable = {id(p) for _, p in named if p.requires_grad}
-    assert len(in_groups) == len(set(in_groups)) and set(in_groups) == trainable, "param group coverage"
+    _check_coverage(named, torch_groups)
     if not torch_groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     return _make_optimizer(torch_groups, cfg), infos
+
+
+def _check_coverage(named: list[tuple[str, nn.Parameter]], torch_groups: list[dict[str, Any]]) -> None:
+    """Every trainable parameter in exactly one group: a real error, not an assert (`python -O` drops those),
+    because a parameter left out trains silently at lr 0 (the users' decoder-left-out bug)."""
+    counts: dict[int, int] = {}
+    for g in torch_groups:
+        for p in g["params"]:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    missing = [n for n, p in named if p.requires_grad and id(p) not in counts]
+    twice = [n for n, p in named if counts.get(id(p), 0) > 1]
+    extra = len(set(counts) - {id(p) for _, p in named if p.requires_grad})
+    if missing or twice or extra:
+        raise RuntimeError(
+            "optimizer parameter groups do not cover the model's trainable parameters exactly once: "
+            f"missing {missing[:10]}, in several groups {twice[:10]}, {extra} not trainable in the model"
+        )
 
 
 def _tops(members: list[tuple[str, nn.Parameter]]) -> list[str]:

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from dist_seg import distributed as D
 from dist_seg.config import Config, load_config
@@ -44,6 +43,7 @@ from dist_seg.engine import AMP_DTYPES, autocast
 from dist_seg.evaluate import load_model
 from dist_seg.models import input_constraints
 from dist_seg.predict_inputs import Item, folder_items, grouped, list_folder, shard_items
+from dist_seg.progress import progress
 from dist_seg.submission import (
     DEFAULT_SIZE,
     check_main,
@@ -141,7 +141,7 @@ def predict_items(
     opts.submission_size) per item, sorted by index. Batches hold cfg.data.eval_batch_size images."""
     palette, out = class_palette(num_classes), Path(opts.out)
     small: list[tuple[int, str, np.ndarray]] = []
-    with tqdm(total=total, unit="img", desc="predict", disable=opts.quiet, file=sys.stderr) as bar:
+    with progress(total, "predict", enabled=not opts.quiet) as bar:
         for group in grouped(items, cfg.data.eval_batch_size):
             probs = predictor(torch.stack([it.image for it in group]))
             for it, p in zip(group, probs, strict=True):

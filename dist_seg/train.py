@@ -18,13 +18,16 @@ import warnings
 
 from dist_seg import distributed as D
 from dist_seg import faults
-from dist_seg.config import load_config
+from dist_seg.config import load_config, to_yaml
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist_seg.train", description="Train a segmentation model (DDP-ready).")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit (no training)"
+    )
     return p
 
 
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dist_seg.train: error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     if faults.active():
         warnings.warn(f"fault injection is ON: {', '.join(faults.active())}", stacklevel=1)
     info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)

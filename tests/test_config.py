@@ -57,3 +57,93 @@ def test_readme_documents_every_key() -> None:
             assert row in readme, (
                 f"README config reference is stale: {row} (regenerate: python -m dist_seg.config)"
             )
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from dist_seg.config import _CHOICES
+
+    return _CHOICES
+
+
+@pytest.mark.parametrize("key", sorted(_choices()))
+def test_every_enumerated_value_works_as_an_override(key: str) -> None:
+    section, name = key.split(".")
+    for value in _choices()[key]:
+        cfg = load_config(REPO / "configs/cpu_small.yaml", [f"{key}={value}"])
+        assert getattr(getattr(cfg, section), name) == value
+
+
+def test_every_enumerated_value_through_the_train_command_line() -> None:
+    """`python -m dist_seg.train --config ... key=value` exactly as users type it (the shell passes the text
+    unquoted): `train.amp=off` must arrive as the string 'off', not YAML 1.1's False."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    choices = _choices()
+    for i in range(max(len(v) for v in choices.values())):
+        overrides = [f"{k}={v[i % len(v)]}" for k, v in choices.items()]
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dist_seg.train",
+                "--config",
+                "configs/cpu_small.yaml",
+                *overrides,
+                "--print-config",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        resolved = yaml.safe_load(r.stdout)
+        for k, v in choices.items():
+            section, name = k.split(".")
+            assert resolved[section][name] == v[i % len(v)], (k, resolved[section][name])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.resume=null", None),
+        ("train.resume=~", None),
+        ("model.pretrained=null", None),
+        ("train.resume='no'", "no"),
+        ("data.train_shards=shards/a/shard-{000000..000002}.tar", "shards/a/shard-{000000..000002}.tar"),
+        ("loss.class_weights=auto", "auto"),
+    ],
+)
+def test_string_keys_take_the_text_as_typed(override: str, expected: str | None) -> None:
+    key, _ = override.split("=", 1)
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), name) == expected
+
+
+@pytest.mark.parametrize(
+    "override", ["train.amp=False", "train.amp=yes", "train.device=on", "data.on_error=no"]
+)
+def test_boolean_looking_text_for_an_enumerated_key_is_refused_naming_choices(override: str) -> None:
+    with pytest.raises(ValueError, match=f"config key {override.split('=')[0]}=.*expected one of"):
+        load_config(None, [override])
+
+
+def test_unquoted_yaml_boolean_for_a_string_key_is_refused_saying_what_to_type(tmp_path: Path) -> None:
+    y = tmp_path / "amp.yaml"
+    y.write_text("train:\n  amp: off\n")
+    with pytest.raises(
+        ValueError, match=r'config key train.amp in .*amp.yaml: YAML reads .* boolean False.*amp: "off"'
+    ):
+        load_config(y)
+    y.write_text('train:\n  amp: "off"\n  sync_bn: off\n')  # quoted string; a real boolean key stays boolean
+    cfg = load_config(y)
+    assert cfg.train.amp == "off" and cfg.train.sync_bn is False
+
+
+def test_focal_with_label_smoothing_is_refused_naming_both_keys() -> None:
+    with pytest.raises(ValueError, match="loss.name=focal and loss.label_smoothing=0.1"):
+        load_config(None, ["loss.name=focal", "loss.label_smoothing=0.1"])
+    assert load_config(None, ["loss.name=focal"]).loss.name == "focal"

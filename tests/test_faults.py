@@ -134,6 +134,36 @@ def test_nonfinite_loss_skips_the_step(amp: str, monkeypatch: pytest.MonkeyPatch
     assert not train_step(ctx, batch, 3).skipped  # and training goes on
 
 
+def test_skipped_fp16_step_moves_the_scale_like_native_gradscaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """good / inf / good with growth_interval=2: native GradScaler gives 1024, 512, 512 (an inf restarts the
+    growth count); the engine's cross-rank skip must do the same, not climb back to 1024 at once."""
+    batch = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))]
+    ctx = _tiny_ctx("fp16")
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    engine_scales = []
+    for step in (1, 2, 3):
+        if step == 2:
+            monkeypatch.setenv("DIST_SEG_FAULT_NAN_AT_STEP", "2")
+        engine_scales.append(train_step(ctx, batch, step).loss_scale)
+        monkeypatch.delenv("DIST_SEG_FAULT_NAN_AT_STEP", raising=False)
+
+    native = _tiny_ctx("off")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    native_scales = []
+    for step in (1, 2, 3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = native.loss_fn(native.model(batch[0][0]), batch[0][1])
+        scaler.scale(loss).backward()
+        if step == 2:
+            next(native.model.parameters()).grad.fill_(float("inf"))
+        scaler.step(native.optimizer)
+        scaler.update()
+        native.optimizer.zero_grad(set_to_none=True)
+        native_scales.append(scaler.get_scale())
+    assert native_scales == [1024.0, 512.0, 512.0]
+    assert engine_scales == native_scales
+
+
 @pytest.mark.slow
 def test_repeated_nonfinite_on_one_rank_stops_every_rank(trash_shards, tmp_path: Path) -> None:
     r = torchrun(

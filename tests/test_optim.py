@@ -215,3 +215,23 @@ def test_scheduler_errors_name_the_key() -> None:
         build_scheduler(_opt(), SchedConfig(), total_steps=0)
     with pytest.raises(ValueError, match="sched.warmup_factor"):
         build_scheduler(_opt(), SchedConfig(warmup_steps=2, warmup_factor=0.0), total_steps=10)
+
+
+def test_group_coverage_check_is_a_real_error_even_under_python_O() -> None:
+    """`python -O` strips asserts: the coverage check must survive it and name the parameter left out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from dist_seg.optim import _check_coverage\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))\n"
+        "named = list(m.named_parameters())\n"
+        "try:\n"
+        "    _check_coverage(named, [{'params': [m[0].weight, m[0].bias, m[1].bias]}])\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "missing ['1.weight']" in r.stdout, r.stdout

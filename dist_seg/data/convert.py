@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dist_seg.data.coco import (
     CROWD_POLICIES,
@@ -40,6 +39,7 @@ from dist_seg.data.images import read_image
 from dist_seg.data.pool import ordered_map
 from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
 from dist_seg.data.shard_writer import fixed_tarinfo, plan_shard_counts, split_staging
+from dist_seg.progress import progress
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -146,10 +146,9 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     coco = load_coco(opts.coco)
     labels = "annotations" in coco and not opts.no_labels
     class_map = build_class_map(coco["categories"], opts.classes)
-    warn = (
-        (lambda m: tqdm.write(m, file=sys.stderr)) if opts.progress else (lambda m: print(m, file=sys.stderr))
-    )
-    report = Report(strict=opts.strict, warn=warn)
+    # warnings go through the progress bar once there is one (the total is known after indexing)
+    bar = progress(0, "convert", enabled=False)
+    report = Report(strict=opts.strict, warn=lambda m: bar.write(m))
     entries = index_dataset(coco, class_map, report, opts.crowd)
 
     out = Path(opts.out)
@@ -161,9 +160,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     written = total_bytes = 0
     try:
         with tarfile.open(staging, "w", format=tarfile.GNU_FORMAT) as tar:
-            bar = tqdm(
-                total=len(entries), unit="img", desc="convert", disable=not opts.progress, file=sys.stderr
-            )
+            bar = progress(len(entries), "convert", enabled=opts.progress)
             args = (opts.images, class_map, opts.overlap, opts.crowd, labels)
             for result, problem in ordered_map(_process, entries, opts.workers, args):
                 bar.update(1)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from dist_seg.classweights import median_frequency_weights
 from dist_seg.data.coco import (
@@ -50,6 +49,7 @@ from dist_seg.data.raster import (
     paint_order,
     rasterise,
 )
+from dist_seg.progress import progress as progress_lines
 
 SUMMARY_NAME = "summary.json"
 GALLERY_SIZE = 6
@@ -324,14 +324,14 @@ def run_eda(
     if "annotations" not in data:
         raise ValueError(f"{coco} has no 'annotations' list: nothing to analyse (is it a test split?)")
     class_map = build_class_map(data["categories"])
-    warn = (lambda m: tqdm.write(m, file=sys.stderr)) if progress else (lambda m: print(m, file=sys.stderr))
-    report = Report(warn=warn)
+    bar = progress_lines(0, "eda", enabled=False)  # warnings go through the bar once there is one
+    report = Report(warn=lambda m: bar.write(m))
     entries = index_dataset(data, class_map, report, crowd)
     if max_images is not None:
         entries = entries[:max_images]
 
     totals = Totals(class_map.num_classes)
-    bar = tqdm(total=len(entries), unit="img", desc="eda", disable=not progress, file=sys.stderr)
+    bar = progress_lines(len(entries), "eda", enabled=progress)
     for pos, stats in enumerate(ordered_map(image_stats, entries, workers, (overlap, crowd))):
         totals.add(pos, entries[pos], stats)
         bar.update(1)
