@@ -1,0 +1,102 @@
+"""Learning guards: seeded CPU runs whose result is deterministic on this machine, asserted with a margin.
+
+What they can and cannot catch, measured on the 2-core development machine: the CPU SyncBatchNorm once
+computed its variance as E[x^2] - E[x]^2 from float32 sums, and the 600-step demo reached val mIoU 0.35
+instead of 0.69. A shorter run does not show it: the demo recipe and data on a 300-step schedule scored
+0.3453 with the fixed SyncBatchNorm and 0.4846 with the faulty one, because from-scratch DeconvNet runs of a
+few hundred steps are chaotic (rounding-level differences move the result by more than the fault).
+So the fault itself is guarded by the float32/bf16 numerics test in test_distributed.py (which fails on the
+faulty code), and these runs guard learning as a whole with tasks that converge whatever the trajectory:
+fitting a fixed set of images, on 2 ranks through SyncBatchNorm and for DeepLab v1 and FCN-8s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launch_utils import REPO, torchrun
+
+from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.data.synth import generate
+
+
+def _synth_shards(root: Path, images: int, val_images: int, seed: int) -> tuple[Path, Path]:
+    generate(root / "synth", images=images, val_images=val_images, size=224, seed=seed)
+    for split in ("train", "val"):
+        if split == "val" and not val_images:
+            continue
+        convert(
+            ConvertOptions(
+                str(root / f"synth/{split}.json"),
+                str(root / "synth/images"),
+                str(root / f"shards/{split}"),
+                min_shards=2,
+                progress=False,
+            )
+        )
+    return root / "shards/train", root / "shards/val"
+
+
+@pytest.mark.slow
+def test_two_process_syncbn_run_fits_its_training_images(tmp_path: Path) -> None:
+    """A seeded 2-rank run through SyncBatchNorm (FCN-8s, 15 BatchNorms, 2 images per rank) fits 8 images,
+    with the overrides typed as the README writes them (`train.amp=off`). Fitting a fixed set converges
+    whatever the trajectory, so the floor does not depend on lucky rounding (a short run of the demo
+    recipe does: see the module docstring). Measured: 0.9309 (floor GUARD_FLOOR)."""
+    train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
+    out = tmp_path / "run"
+    args = [
+        "--module", "dist_seg.train", "--config", str(REPO / "configs/demo.yaml"),
+        f"data.train_shards={train}", f"data.val_shards={train}", f"train.out_dir={out}",
+        "data.batch_size=2", "data.scale_min=1.0", "data.scale_max=1.0", "data.hflip_prob=0",
+        "data.color_jitter=0", "loss.class_weights=null", "optim.weight_decay=0", "model.name=fcn8s",
+        "train.max_steps=150", "train.eval_every=150", "train.log_every=50", "train.amp=off", "train.sync_bn=true",
+    ]  # fmt: skip
+    r = torchrun(args, nproc=2, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es) on cpu" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"val mIoU {metrics['miou']:.4f}")
+    assert metrics["miou"] >= GUARD_FLOOR, metrics["iou"]
+
+
+GUARD_FLOOR = 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["deeplab_v1", "fcn8s"])
+def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> None:
+    """The whole path learns for each VGG model: 8 synthetic images, no augmentation, evaluated on themselves,
+    one process. Measured mIoU: deeplab_v1 0.8728, fcn8s 0.9384."""
+    train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(var, None)
+    overrides = {
+        "data.train_shards": train, "data.val_shards": train, "train.out_dir": tmp_path / "run",
+        "model.name": model, "model.width_mult": 0.125, "data.crop_size": 224, "data.batch_size": BATCH[model],
+        "data.scale_min": 1.0, "data.scale_max": 1.0, "data.hflip_prob": 0.0, "data.color_jitter": 0.0,
+        "optim.name": "adamw", "optim.lr": 0.003, "optim.weight_decay": 0.0, "train.amp": "off",
+        "train.max_steps": STEPS[model], "train.log_every": 50, "train.eval_every": 150, "data.num_workers": 1,
+    }  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "dist_seg.train", "--config", str(REPO / "configs/cpu_small.yaml"),
+         *(f"{k}={v}" for k, v in overrides.items())],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    print(f"{model} overfit mIoU {metrics['miou']:.4f}")
+    assert metrics["miou"] >= OVERFIT_FLOOR[model], metrics["iou"]
+
+
+# DeconvNet is not here: with this recipe it reached only mIoU 0.12 (batch 4) and 0.13 (batch 8, the whole
+# set) after 150 steps; why it does not fit 8 images is an open question (see the project's issue tracker)
+BATCH = {"deeplab_v1": 4, "fcn8s": 4}
+STEPS = {"deeplab_v1": 150, "fcn8s": 150}
+OVERFIT_FLOOR = {"deeplab_v1": 0.8, "fcn8s": 0.85}
