@@ -304,43 +304,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(cfg)
 
 
-def _string_field(dotted: str) -> tuple[bool, bool] | None:
-    """(is a string field, may be null) for a dotted key naming a `str` / `str | None` field, else None."""
+def _string_field(dotted: str) -> bool | None:
+    """For a dotted key naming a `str` / `str | None` field: whether it may be null; None for other keys."""
     cls: Any = Config
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-            return None
-        hints = typing.get_type_hints(cls)
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if isinstance(cls, type) and dataclasses.is_dataclass(cls) else {}
         if part not in hints:
             return None
         cls = hints[part]
-        if i < len(parts) - 1:
-            continue
-        args = (
-            typing.get_args(cls)
-            if isinstance(cls, types.UnionType) or typing.get_origin(cls) is typing.Union
-            else ()
-        )
-        if cls is str:
-            return True, False
-        if args and str in args and set(args) <= {str, type(None)}:
-            return True, True
-    return None
+    if cls is str:
+        return False
+    args = set(typing.get_args(cls)) if isinstance(cls, types.UnionType) else set()
+    return True if str in args and args <= {str, type(None)} else None
 
 
 def _override_layer(item: str) -> Any:
-    """One `key=value` override as an OmegaConf layer.
-
-    OmegaConf parses a command-line value as YAML 1.1, so `train.amp=off` would arrive as the boolean False
-    (and `yes`, `no`, `on`, `true`, `false` likewise). A string-valued key takes the text as typed instead;
-    `null` and `~` still mean null where the key may be null, and quotes around the whole value are removed.
-    """
+    """One `key=value` override as an OmegaConf layer. A string-valued key takes the text as typed (OmegaConf
+    would parse it as YAML 1.1: `train.amp=off` -> False); `null`/`~` mean null where allowed; outer quotes go."""
     key, raw = (part.strip() for part in item.split("=", 1))
-    kind = _string_field(key)
-    if kind is None:
+    nullable = _string_field(key)
+    if nullable is None:
         return OmegaConf.from_dotlist([item])
-    _, nullable = kind
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         value: str | None = raw[1:-1]
     elif nullable and raw in ("null", "~", "Null", "NULL"):
@@ -354,8 +338,7 @@ def _override_layer(item: str) -> Any:
 
 
 def _refuse_yaml_booleans_for_strings(node: Any, cls: Any, prefix: str, path: Path) -> None:
-    """A YAML file's unquoted `off` / `on` / `yes` / `no` is a boolean: refuse it where a string is meant,
-    saying what to type, rather than letting it become the string 'False'."""
+    """Refuse a YAML boolean (unquoted `off`, `yes`, ...) where a string is meant, saying what to type."""
     if not isinstance(node, dict) or not dataclasses.is_dataclass(cls):
         return
     hints = typing.get_type_hints(cls)
@@ -402,36 +385,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
-def reference_markdown() -> str:
-    """The config reference (every key, default and docstring) as a markdown table, for the README."""
-    import ast
-    import inspect
-
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for section in dataclasses.fields(Config):
-        cls = section.type if isinstance(section.type, type) else globals()[section.type]
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        docs = {}
-        for node, nxt in zip(body, body[1:] + [None], strict=True):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-            ):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
-        defaults = getattr(Config(), section.name)
-        for f in dataclasses.fields(cls):
-            value = getattr(defaults, f.name)
-            shown = "[]" if value == [] else ("null" if value is None else value)
-            doc = docs.get(f.name, "").replace("|", "/")
-            rows.append(f"| `{section.name}.{f.name}` | `{shown}` | {doc} |")
-    rows.append("")
-    rows.append(
-        "`optim.groups` entries: `params` (fnmatch pattern on parameter names), `lr_mult`, `weight_decay`."
-    )
-    return "\n".join(rows)
-
-
 if __name__ == "__main__":
+    from dist_seg.config_reference import reference_markdown
+
     print(reference_markdown())

@@ -117,12 +117,8 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:
-    """What GradScaler.update() does after an inf/NaN: back off the scale and restart the growth count.
-
-    The skip is decided across ranks (a rank may have seen only a non-finite loss), so the scaler's own
-    found-inf record may be clean; `update(new_scale)` alone would leave the growth tracker running and the
-    scale would climb straight back. The growth tracker is reset through the public state-dict interface.
-    """
+    """What GradScaler.update() does after an inf/NaN: back off the scale and restart the growth count
+    (the skip is decided across ranks, so this scaler's own found-inf record may be clean)."""
     scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # also clears the per-step unscale record
     state = scaler.state_dict()
     state["_growth_tracker"] = 0

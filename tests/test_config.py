@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from launch_utils import REPO
 
-from dist_seg.config import Config, load_config, reference_markdown, save_config
+from dist_seg.config import Config, load_config, save_config
+from dist_seg.config_reference import reference_markdown
 
 
 def test_layers_and_overrides(tmp_path: Path) -> None:
