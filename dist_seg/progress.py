@@ -13,7 +13,28 @@ from typing import IO, Any
 from tqdm import tqdm
 
 
-class PlainProgress:
+class _Reporter:
+    """What every reporter shares: `write` prints a whole line; a context manager closes it."""
+
+    file: IO[str]
+
+    def update(self, k: int = 1) -> None:
+        pass
+
+    def write(self, msg: str) -> None:
+        print(msg, file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Reporter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class PlainProgress(_Reporter):
     """tqdm's `update` / `write` / `close` as plain lines: `convert: 120/300 img (40%), 25.1 img/s`."""
 
     def __init__(self, total: int, desc: str, unit: str, file: IO[str], interval_s: float = 30.0) -> None:
@@ -41,43 +62,19 @@ class PlainProgress:
         self.file.flush()
         self._last_time, self._printed_n = now, self.n
 
-    def write(self, msg: str) -> None:
-        print(msg, file=self.file, flush=True)
-
     def close(self) -> None:
         if self.n != self._printed_n:  # the final count, unless the last line already showed it
             self._line(time.monotonic())
 
-    def __enter__(self) -> PlainProgress:
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class _Disabled:
+class _Disabled(_Reporter):
     """No progress at all (--quiet): warnings still reach stderr."""
 
     def __init__(self, file: IO[str]) -> None:
         self.file = file
 
-    def update(self, k: int = 1) -> None:
-        pass
 
-    def write(self, msg: str) -> None:
-        print(msg, file=self.file, flush=True)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _Disabled:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-
-class _Bar:
+class _Bar(_Reporter):
     """A tqdm bar whose `write` prints above the bar instead of through it."""
 
     def __init__(self, total: int, desc: str, unit: str, file: IO[str]) -> None:
@@ -92,12 +89,6 @@ class _Bar:
 
     def close(self) -> None:
         self._bar.close()
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def progress(
