@@ -113,10 +113,8 @@ def ddp_child(args: argparse.Namespace) -> None:
     try:
         classes = 11
         model, _ = make(args.model, args.width, classes, "off", info.device)
-        if info.world_size > 1:
-            model = D.convert_sync_batchnorm(model, info.device)
+        model = D.prepare_model(model, info, sync_bn=True)
         opt, _ = build_optimizer(model, OptimConfig(name="sgd", lr=0.01))
-        model = D.wrap_model(model, info, sync_bn=True)
         ctx = ctx_for(model, opt, "off", info.device, classes)
         x = torch.randn(args.batch, 3, args.size, args.size)
         y = torch.randint(0, classes, (args.batch, args.size, args.size))

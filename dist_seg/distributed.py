@@ -239,14 +239,30 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool) -> nn.Module:
-    """SyncBN (world > 1 and asked for), then DDP (world > 1). The model must already be on info.device."""
-    if info.world_size == 1:
-        return model
-    if sync_bn:
+def prepare_model(
+    model: nn.Module,
+    info: DistInfo,
+    sync_bn: bool = False,
+    channels_last: bool = False,
+    torch_compile: bool = False,
+) -> nn.Module:
+    """The one place a model becomes trainable here: SyncBN, channels_last, DDP, torch.compile, in that order.
+
+    Call it before building the optimizer and build the optimizer from what it returns: the CPU SyncBN
+    converter creates new BatchNorm Parameters, so an optimizer built earlier would silently hold the
+    replaced ones and never update the BN weights (on CPU only; torch's converter reuses them). SyncBN and
+    DDP apply only when world_size > 1. The model must already be on info.device.
+    """
+    if sync_bn and info.world_size > 1:
         model = convert_sync_batchnorm(model, info.device)
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if info.world_size > 1:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if torch_compile:
+        model = torch.compile(model)
+    return model
 
 
 def no_sync_if(model: nn.Module, skip_sync: bool) -> Any:

@@ -244,15 +244,10 @@ def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], 
     model = build_model(cfg.model, num_classes).to(info.device)
     if getattr(model, "pretrained_report", None) is not None:
         _log(info, format_load_report(model.pretrained_report, str(cfg.model.pretrained)))
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.sync_bn and info.world_size > 1:
-        model = D.convert_sync_batchnorm(model, info.device)  # before the optimizer sees the parameters
+    # prepared before the optimizer is built, so the optimizer holds the parameters that train
+    model = D.prepare_model(model, info, cfg.train.sync_bn, cfg.train.channels_last, cfg.train.compile)
     optimizer, groups = build_optimizer(model, cfg.optim)
     _log(info, format_groups(groups))
-    model = D.wrap_model(model, info, cfg.train.sync_bn)
-    if cfg.train.compile:
-        model = torch.compile(model)
     loader = build_train_loader(cfg.data, info.rank, info.world_size, cfg.train.seed)
     steps_per_epoch = loader.steps_per_epoch // cfg.train.grad_accum
     if steps_per_epoch < 1:

@@ -18,7 +18,7 @@ def test_single_process_helpers_are_noops(monkeypatch) -> None:
     assert t.item() == 3.0 and D.any_rank(True, info.device) and not D.any_rank(False, info.device)
     assert D.all_gather_object({"a": 1}) == [{"a": 1}]
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    assert D.wrap_model(model, info, sync_bn=True) is model  # no SyncBN, no DDP in one process
+    assert D.prepare_model(model, info, sync_bn=True) is model  # no SyncBN, no DDP in one process
 
 
 def test_cpu_syncbn_two_ranks_equal_batchnorm_on_full_batch() -> None:
@@ -34,3 +34,9 @@ def test_cpu_syncbn_float32_matches_float64_reference_on_awkward_inputs() -> Non
     r = torchrun([str(REPO / "tests/workers/syncbn_precision_worker.py")], nproc=2, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(": OK") == 2, r.stdout
+
+
+def test_optimizer_holds_exactly_the_prepared_models_trainable_parameters() -> None:
+    r = torchrun([str(REPO / "tests/workers/prepare_worker.py")], nproc=2, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("OK") == 2, r.stdout

@@ -25,10 +25,8 @@ try:
     images = torch.randn(STEPS, 2 * B, 3, 224, 224)
     masks = torch.randint(0, CLASSES, (STEPS, 2 * B, 224, 224))
     model = build_model(ModelConfig(name="deconvnet", width_mult=0.0625), CLASSES)
-    if info.world_size > 1:
-        model = D.convert_sync_batchnorm(model, info.device)
+    model = D.prepare_model(model, info, sync_bn=True)
     opt, _ = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4))
-    model = D.wrap_model(model, info, sync_bn=True)
     ctx = StepContext(
         model,
         opt,
