@@ -1,4 +1,9 @@
-"""Checkpoints: atomic writes, safe loads, RNG state, and the last/best/step-stamped file set of a run.
+"""Checkpoints: what one holds, atomic writes, safe loads, RNG state, and the last/best/step files of a run.
+
+This module is the one owner of the checkpoint layout: `training_checkpoint` writes it, `check_model`
+validates it, `restore_training` reads it back for resuming and `load_for_inference` for evaluation and
+prediction. Keys: model, optimizer, scheduler, scaler ({} without fp16), train_state, rng (one entry per
+rank), config, model_name, num_classes, class_names.
 
 A checkpoint is written to a hidden temp file in the target's directory, flushed, fsynced and renamed over
 the target, then the directory is fsynced: a crash at any moment leaves either the old file or the new one,
@@ -8,6 +13,7 @@ numbers, strings, lists, tuples and dicts but never executes code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -20,6 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from dist_seg.config import Config, to_dict
+from dist_seg.models import build_model, unwrap
 
 _STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 _TEMP_GLOB = ".*.tmp"
@@ -263,3 +273,102 @@ class CheckpointManager:
         if not path.is_file():
             raise ValueError(f"config key train.resume={resume!r}: checkpoint file not found: {path}")
         return path
+
+
+# ---------------------------------------------------------------------------------------------- the layout
+def training_checkpoint(
+    cfg: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    train_state: dict[str, Any],
+    rng: list[dict[str, Any]],
+    num_classes: int,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """Everything a run needs to resume (and evaluation/prediction to rebuild the model). `rng` holds every
+    rank's RNG state, in rank order, so that each rank restores its own."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "train_state": train_state,
+        "rng": rng,
+        "config": to_dict(cfg),
+        "model_name": cfg.model.name,
+        "num_classes": num_classes,
+        "class_names": class_names,
+    }
+
+
+def check_model(ck: dict[str, Any], path: Path, model_name: str, num_classes: int) -> None:
+    """ValueError naming both sides when the checkpoint holds another model or another class count."""
+    if ck.get("model_name") != model_name or ck.get("num_classes") != num_classes:
+        raise ValueError(
+            f"checkpoint {path} holds model {ck.get('model_name')!r} with {ck.get('num_classes')} classes, "
+            f"but the config asks for model {model_name!r} with {num_classes} classes"
+        )
+
+
+def restore_training(
+    path: Path,
+    cfg: Config,
+    num_classes: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    rank: int,
+) -> dict[str, Any]:
+    """Load `path` into the training objects and this rank's RNG; returns the saved train_state."""
+    ck = load_checkpoint(path, map_location="cpu")
+    check_model(ck, path, cfg.model.name, num_classes)
+    unwrap(model).load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    if scaler is not None and ck["scaler"]:
+        scaler.load_state_dict(ck["scaler"])
+    if rank < len(ck["rng"]):
+        restore_rng_state(ck["rng"][rank])
+    return ck["train_state"]
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    path: Path
+    model_name: str
+    num_classes: int
+    class_names: list[str]
+    step: int | None
+
+
+def load_for_inference(
+    cfg: Config, checkpoint: str | Path, device: torch.device, num_classes: int | None = None
+) -> tuple[nn.Module, LoadedCheckpoint]:
+    """The model of `cfg` with the checkpoint's weights, on `device`, in eval mode.
+
+    ValueError naming both sides when the checkpoint holds another model or another number of classes than
+    the config (`num_classes`, or cfg.model.num_classes, when given) asks for, or weights of another width.
+    """
+    path = Path(checkpoint)
+    ck = load_checkpoint(path, map_location="cpu")
+    if "model" not in ck:
+        raise ValueError(f"checkpoint {path} has no 'model' weights (keys: {sorted(ck)})")
+    want = num_classes or cfg.model.num_classes or ck.get("num_classes")
+    check_model(ck, path, cfg.model.name, want)
+    # weights come from the checkpoint: never load (or download) the ImageNet encoder first
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), int(want))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        ck_width = ck.get("config", {}).get("model", {}).get("width_mult")
+        raise ValueError(
+            f"checkpoint {path} (model.width_mult={ck_width}) does not fit model {cfg.model.name!r} with "
+            f"model.width_mult={cfg.model.width_mult}: {str(e).strip().splitlines()[0]}"
+        ) from e
+    names = list(ck.get("class_names") or [f"class_{i}" for i in range(int(want))])
+    step = ck.get("train_state", {}).get("step")
+    meta = LoadedCheckpoint(path, str(ck["model_name"]), int(want), names, step)
+    return model.to(device).eval(), meta

@@ -19,9 +19,10 @@ from torch import nn
 
 from dist_seg import distributed as D
 from dist_seg import faults, monitor
-from dist_seg.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from dist_seg.config import Config, save_config, to_dict, to_yaml
-from dist_seg.data.stream import build_eval_loader, build_train_loader, resolve_shards
+from dist_seg.checkpoint import CheckpointManager, capture_rng_state, restore_training, training_checkpoint
+from dist_seg.config import Config, save_config, to_yaml
+from dist_seg.data.shards import dataset_classes
+from dist_seg.data.stream import build_eval_loader, build_train_loader
 from dist_seg.data.transforms import padded_size
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
@@ -171,43 +172,6 @@ def _log(info: D.DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _checkpoint_state(
-    cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, names: list[str]
-) -> dict:
-    rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
-    return {
-        "model": unwrap(ctx.model).state_dict(),
-        "optimizer": ctx.optimizer.state_dict(),
-        "scheduler": ctx.scheduler.state_dict(),
-        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else {},
-        "train_state": state.state_dict(),
-        "rng": rng,
-        "config": to_dict(cfg),
-        "model_name": cfg.model.name,
-        "num_classes": num_classes,
-        "class_names": names,
-    }
-
-
-def _resume(
-    path: Path, cfg: Config, ctx: StepContext, state: TrainState, num_classes: int, rank: int
-) -> None:
-    ck = load_checkpoint(path, map_location="cpu")
-    if ck.get("model_name") != cfg.model.name or ck.get("num_classes") != num_classes:
-        raise ValueError(
-            f"checkpoint {path} holds model {ck.get('model_name')!r} with {ck.get('num_classes')} classes, "
-            f"but the config asks for {cfg.model.name!r} with {num_classes} classes"
-        )
-    unwrap(ctx.model).load_state_dict(ck["model"])
-    ctx.optimizer.load_state_dict(ck["optimizer"])
-    ctx.scheduler.load_state_dict(ck["scheduler"])
-    if ctx.scaler is not None and ck["scaler"]:
-        ctx.scaler.load_state_dict(ck["scaler"])
-    state.load_state_dict(ck["train_state"])
-    if rank < len(ck["rng"]):
-        restore_rng_state(ck["rng"][rank])
-
-
 def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, info: D.DistInfo) -> Path | None:
     """Rank 0 picks the checkpoint to resume from (or none) and every rank must be able to read it: a rank
     that decided alone could start fresh while the others resume, and DDP would average diverged replicas."""
@@ -234,12 +198,7 @@ def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, info: D.DistInfo) ->
 
 def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], Any, int]:
     """Model, optimizer, scheduler, scaler, loss and the train loader, ready to step."""
-    _, manifest = resolve_shards(cfg.data.train_shards)
-    num_classes = cfg.model.num_classes or manifest["num_classes"]
-    if num_classes != manifest["num_classes"]:
-        raise ValueError(
-            f"config key model.num_classes={num_classes} but the training manifest has {manifest['num_classes']} classes"
-        )
+    num_classes, _, manifest = dataset_classes(cfg.data.train_shards, cfg.model.num_classes)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, num_classes).to(info.device)
     if getattr(model, "pretrained_report", None) is not None:
@@ -285,7 +244,10 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
     state = TrainState()
     resume = _agree_on_resume(ckpts, cfg, info)
     if resume is not None:
-        _resume(resume, cfg, ctx, state, num_classes, info.rank)
+        saved = restore_training(
+            resume, cfg, num_classes, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, info.rank
+        )
+        state.load_state_dict(saved)
         _log(info, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +315,18 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
                 is_best = metrics["miou"] > state.best_miou
                 state.best_miou = max(state.best_miou, metrics["miou"])
             if epoch_done or do_eval or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
-                ck = _checkpoint_state(cfg, ctx, state, num_classes, names)
+                rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
+                ck = training_checkpoint(
+                    cfg,
+                    ctx.model,
+                    ctx.optimizer,
+                    ctx.scheduler,
+                    ctx.scaler,
+                    state.state_dict(),
+                    rng,
+                    num_classes,
+                    names,
+                )
                 if info.is_main:
                     ckpts.before_rename = lambda _tmp, s=state.step: faults.before_checkpoint_rename(s)
                     ckpts.save(ck, state.step, is_best)

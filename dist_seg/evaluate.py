@@ -12,68 +12,21 @@ with the same config. Shards default to data.val_shards, the output directory to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from dist_seg import distributed as D
-from dist_seg.checkpoint import load_checkpoint
+from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config, load_config
-from dist_seg.data.stream import build_eval_loader, resolve_shards
+from dist_seg.data.shards import dataset_classes
+from dist_seg.data.stream import build_eval_loader
 from dist_seg.engine import AMP_DTYPES, evaluate
 from dist_seg.metrics import to_jsonable
-from dist_seg.models import build_model, input_constraints
+from dist_seg.models import input_constraints
 from dist_seg.viz import confusion_figure
-
-
-@dataclasses.dataclass
-class LoadedCheckpoint:
-    path: Path
-    model_name: str
-    num_classes: int
-    class_names: list[str]
-    step: int | None
-
-
-def load_model(
-    cfg: Config, checkpoint: str | Path, device: torch.device, num_classes: int | None = None
-) -> tuple[nn.Module, LoadedCheckpoint]:
-    """The model of `cfg` with the checkpoint's weights, on `device`, in eval mode.
-
-    ValueError naming both sides when the checkpoint holds another model or another number of classes than
-    the config (`num_classes`, or cfg.model.num_classes, when given) asks for, or weights of another width.
-    """
-    path = Path(checkpoint)
-    ck = load_checkpoint(path, map_location="cpu")
-    if "model" not in ck:
-        raise ValueError(f"checkpoint {path} has no 'model' weights (keys: {sorted(ck)})")
-    ck_name, ck_classes = ck.get("model_name"), ck.get("num_classes")
-    want = num_classes or cfg.model.num_classes or ck_classes
-    if ck_name != cfg.model.name or ck_classes != want:
-        raise ValueError(
-            f"checkpoint {path} holds model {ck_name!r} with {ck_classes} classes, "
-            f"but the config asks for model {cfg.model.name!r} with {want} classes"
-        )
-    # weights come from the checkpoint: never load (or download) the ImageNet encoder first
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None), int(want))
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        ck_width = ck.get("config", {}).get("model", {}).get("width_mult")
-        raise ValueError(
-            f"checkpoint {path} (model.width_mult={ck_width}) does not fit model {cfg.model.name!r} with "
-            f"model.width_mult={cfg.model.width_mult}: {str(e).strip().splitlines()[0]}"
-        ) from e
-    names = list(ck.get("class_names") or [f"class_{i}" for i in range(int(want))])
-    step = ck.get("train_state", {}).get("step")
-    meta = LoadedCheckpoint(path, str(ck_name), int(want), names, step)
-    return model.to(device).eval(), meta
 
 
 def run_evaluate(
@@ -90,16 +43,10 @@ def run_evaluate(
     spec = shards or cfg.data.val_shards
     if not spec:
         raise ValueError("nothing to evaluate: set config key data.val_shards or pass --shards")
-    _, shard_info = resolve_shards(spec)
+    num_classes, shard_names, shard_info = dataset_classes(spec, cfg.model.num_classes)
     if not shard_info["has_labels"]:
         raise ValueError(f"shards {spec} have no label maps (a test split?): use `dist-seg predict` instead")
-    num_classes = cfg.model.num_classes or shard_info["num_classes"]
-    if num_classes != shard_info["num_classes"]:
-        raise ValueError(
-            f"config key model.num_classes={num_classes} but the shards {spec} have {shard_info['num_classes']} classes"
-        )
-    model, ck = load_model(cfg, checkpoint, info.device, num_classes)
-    shard_names = [c["name"] for c in shard_info["classes"]]
+    model, ck = load_for_inference(cfg, checkpoint, info.device, num_classes)
     if ck.class_names != shard_names:
         raise ValueError(
             f"checkpoint {ck.path} was trained on classes {ck.class_names}, but the shards {spec} have "

@@ -37,10 +37,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dist_seg import distributed as D
+from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config, load_config
 from dist_seg.data.transforms import denormalize, padded_size
 from dist_seg.engine import AMP_DTYPES, autocast
-from dist_seg.evaluate import load_model
 from dist_seg.models import input_constraints
 from dist_seg.predict_inputs import Item, folder_items, grouped, list_folder, shard_items
 from dist_seg.progress import progress
@@ -188,7 +188,7 @@ def run_predict(cfg: Config, opts: PredictOptions, info: D.DistInfo) -> dict:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch_size=batch_size))
     out = Path(opts.out)
-    model, ck = load_model(cfg, opts.checkpoint, info.device)
+    model, ck = load_for_inference(cfg, opts.checkpoint, info.device)
     expected = None
     if opts.coco is not None:
         expected, json_classes = expected_from_coco(opts.coco)

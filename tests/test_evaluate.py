@@ -13,6 +13,7 @@ from PIL import Image
 
 from dist_seg import distributed as D
 from dist_seg import evaluate
+from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import load_config
 from dist_seg.data.coco import load_coco
 from dist_seg.data.convert import ConvertOptions, convert
@@ -84,7 +85,7 @@ def test_evaluate_equals_the_trainers_eval(run: dict, capsys: pytest.CaptureFixt
 def test_checkpoint_mismatch_names_both_sides(run: dict, capsys: pytest.CaptureFixture[str]) -> None:
     def load(*extra: str) -> None:
         cfg = load_config(CONFIG, [*run["overrides"], *extra])
-        evaluate.load_model(cfg, run["ck"], D.init_distributed("cpu").device)
+        load_for_inference(cfg, run["ck"], D.init_distributed("cpu").device)
 
     with pytest.raises(ValueError, match="holds model 'deeplab_v1' with 23 classes.*asks for model 'fcn8s'"):
         load("model.name=fcn8s")

@@ -146,6 +146,18 @@ def resolve_shards(spec: str) -> tuple[list[str], dict[str, Any]]:
     return paths, info
 
 
+def dataset_classes(spec: str, num_classes: int | None) -> tuple[int, list[str], dict[str, Any]]:
+    """(num_classes, class names, merged shard description) of the shards `spec`; the one place a dataset's
+    classes are resolved. `num_classes` is config key model.num_classes: when set it must agree."""
+    _, shard_info = resolve_shards(spec)
+    n = num_classes or shard_info["num_classes"]
+    if n != shard_info["num_classes"]:
+        raise ValueError(
+            f"config key model.num_classes={n} but the shards {spec} have {shard_info['num_classes']} classes"
+        )
+    return n, [c["name"] for c in shard_info["classes"]], shard_info
+
+
 # ---------------------------------------------------------------------------------------------- reading
 @dataclass(frozen=True)
 class Piece:
