@@ -194,13 +194,16 @@ class CheckpointManager:
     `save`; every rank may call `resume_path`.
     """
 
-    def __init__(self, out_dir: Path, keep_last: int, before_rename: BeforeRename | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, keep_last: int, before_rename: Callable[[int], None] | None = None
+    ) -> None:
         if keep_last < 0:
             raise ValueError(f"config key train.keep_last={keep_last}: must be >= 0")
         self.out_dir = Path(out_dir)
         self.keep_last = keep_last
         self._cleaned = False
-        self.before_rename = before_rename  # fault-injection point for last.pt, see save_checkpoint
+        # fault-injection point for last.pt, called with the step being saved; see save_checkpoint
+        self.before_rename = before_rename
 
     @property
     def last(self) -> Path:
@@ -224,7 +227,8 @@ class CheckpointManager:
         if not self._cleaned:
             self.clean_temp_files()
             self._cleaned = True
-        save_checkpoint(self.last, state, self.before_rename)
+        hook = self.before_rename
+        save_checkpoint(self.last, state, (lambda _tmp: hook(step)) if hook is not None else None)
         if self.keep_last > 0:
             self._copy(self.last, self.step_path(step))
             self.prune()

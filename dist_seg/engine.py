@@ -45,6 +45,23 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record_step(self, out: StepOutput, grad_accum: int, max_nonfinite: int) -> None:
+        """Count one optimizer step; RuntimeError after max_nonfinite non-finite losses in a row (every rank
+        sees the same flags, so every rank stops at the same step)."""
+        self.step += 1
+        self.batch_in_epoch += grad_accum
+        # a GradScaler overflow while fp16 tunes its scale is routine: only non-finite losses count
+        self.nonfinite_streak = self.nonfinite_streak + 1 if out.nonfinite_loss else 0
+        if self.nonfinite_streak >= max_nonfinite:
+            raise RuntimeError(
+                f"non-finite loss or gradients at step {self.step}: {self.nonfinite_streak} consecutive "
+                f"steps skipped (train.max_nonfinite={max_nonfinite}); stopping on every rank"
+            )
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
             setattr(self, k, v)
@@ -72,6 +89,50 @@ class StepOutput:
     skipped: bool  # no optimizer update this step (non-finite loss or gradients on some rank)
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """When the loop logs, evaluates and saves: each decision in one predicate."""
+
+    steps_per_epoch: int
+    total_steps: int
+    grad_accum: int
+    log_every: int
+    eval_every: int | None  # None: at the end of every epoch
+    save_every: int | None
+
+    @classmethod
+    def from_config(cls, cfg: Config, steps_per_epoch: int, total_steps: int) -> Plan:
+        t = cfg.train
+        return cls(steps_per_epoch, total_steps, t.grad_accum, t.log_every, t.eval_every, t.save_every)
+
+    def epoch_done(self, state: TrainState) -> bool:
+        return state.batch_in_epoch >= self.steps_per_epoch * self.grad_accum
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def should_evaluate(self, step: int, epoch_done: bool) -> bool:
+        return bool(
+            (self.eval_every and step % self.eval_every == 0)
+            or (self.eval_every is None and epoch_done)
+            or step == self.total_steps
+        )
+
+    def should_save(self, step: int, epoch_done: bool, evaluated: bool) -> bool:
+        # after every evaluation (so best.pt is the evaluated weights) and at every epoch end
+        return bool(epoch_done or evaluated or (self.save_every and step % self.save_every == 0))
+
+
+def iter_epoch(loader: Any, state: TrainState) -> Any:
+    """The loader's iterator for state.epoch, past the batches already consumed (resume inside an epoch
+    replays the same data order)."""
+    loader.set_epoch(state.epoch)
+    it = iter(loader)
+    for _ in range(state.batch_in_epoch):
+        next(it)
+    return it
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -172,6 +233,25 @@ def _log(info: D.DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _save(
+    cfg: Config,
+    info: D.DistInfo,
+    ctx: StepContext,
+    state: TrainState,
+    ckpts: CheckpointManager,
+    is_best: bool,
+    num_classes: int,
+    names: list[str],
+) -> None:
+    """A collective (the RNG states of every rank are gathered); rank 0 writes."""
+    rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
+    ck = training_checkpoint(
+        cfg, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, state.state_dict(), rng, num_classes, names
+    )
+    if info.is_main:
+        ckpts.save(ck, state.step, is_best)
+
+
 def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, info: D.DistInfo) -> Path | None:
     """Rank 0 picks the checkpoint to resume from (or none) and every rank must be able to read it: a rank
     that decided alone could start fresh while the others resume, and DDP would average diverged replicas."""
@@ -262,74 +342,33 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
         f"{steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * info.world_size * cfg.train.grad_accum}; "
         f"{total_steps} steps",
     )
+    plan = Plan.from_config(cfg, steps_per_epoch, total_steps)
+    progress = monitor.Progress(cfg, info, tb, total_steps, state.step)
+    ckpts.before_rename = faults.before_checkpoint_rename
     metrics: dict[str, Any] = {}
-    window = monitor.Window()
-    t_start = time.perf_counter()
-    step_at_start = state.step
     while state.step < total_steps:
-        loader.set_epoch(state.epoch)
-        it = iter(loader)
-        for _ in range(state.batch_in_epoch):  # resume inside an epoch: replay the same data order
-            next(it)
-        while state.batch_in_epoch < steps_per_epoch * cfg.train.grad_accum and state.step < total_steps:
+        it = iter_epoch(loader, state)
+        while not plan.epoch_done(state) and state.step < total_steps:
             faults.on_step(state.step + 1, info.rank)
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(cfg.train.grad_accum)]
             t1 = time.perf_counter()
             out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
-            state.step += 1
-            state.batch_in_epoch += cfg.train.grad_accum
-            # a GradScaler overflow while fp16 tunes its scale is routine: only non-finite losses count
-            state.nonfinite_streak = state.nonfinite_streak + 1 if out_step.nonfinite_loss else 0
-            if state.nonfinite_streak >= cfg.train.max_nonfinite:
-                raise RuntimeError(
-                    f"non-finite loss or gradients at step {state.step}: {state.nonfinite_streak} consecutive "
-                    f"steps skipped (train.max_nonfinite={cfg.train.max_nonfinite}); stopping on every rank"
-                )
-            window.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)
-            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                monitor.log_window(
-                    cfg,
-                    info,
-                    ctx.optimizer,
-                    tb,
-                    window,
-                    state.step,
-                    state.epoch,
-                    total_steps,
-                    t_start,
-                    step_at_start,
-                )
-            epoch_done = state.batch_in_epoch >= steps_per_epoch * cfg.train.grad_accum
+            state.record_step(out_step, cfg.train.grad_accum, cfg.train.max_nonfinite)
+            progress.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)
+            if plan.should_log(state.step):
+                progress.log(state.step, state.epoch, ctx.optimizer)
+            epoch_done = plan.epoch_done(state)
             if epoch_done:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            do_eval = (
-                (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
-                or (cfg.train.eval_every is None and epoch_done)
-                or state.step == total_steps
-            )
+                state.next_epoch()
+            evaluate_now = plan.should_evaluate(state.step, epoch_done)
             is_best = False
-            if do_eval and cfg.data.val_shards:
+            if evaluate_now and cfg.data.val_shards:
                 metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
                 is_best = metrics["miou"] > state.best_miou
                 state.best_miou = max(state.best_miou, metrics["miou"])
-            if epoch_done or do_eval or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
-                rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
-                ck = training_checkpoint(
-                    cfg,
-                    ctx.model,
-                    ctx.optimizer,
-                    ctx.scheduler,
-                    ctx.scaler,
-                    state.state_dict(),
-                    rng,
-                    num_classes,
-                    names,
-                )
-                if info.is_main:
-                    ckpts.before_rename = lambda _tmp, s=state.step: faults.before_checkpoint_rename(s)
-                    ckpts.save(ck, state.step, is_best)
+            if plan.should_save(state.step, epoch_done, evaluate_now):
+                _save(cfg, info, ctx, state, ckpts, is_best, num_classes, names)
             if epoch_done:
                 break
     if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics
