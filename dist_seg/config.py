@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dist_seg.data import IGNORE_INDEX
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -132,7 +134,7 @@ class LossConfig:
     class_weights: str | None = None
     """null, `auto` (median-frequency weights from the training manifest), or a path to a json list
     or an EDA summary.json (its `suggested_class_weights`)."""
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     """Label value that never contributes to the loss or the metrics."""
     dice_weight: float = 1.0
     """Weight of the dice term in ce+dice."""
@@ -246,7 +248,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key train.max_steps={cfg.train.max_steps}: must be >= 1 or null")
     if cfg.train.epochs < 1:
         raise ValueError(f"config key train.epochs={cfg.train.epochs}: must be >= 1")
-    if cfg.loss.ignore_index != 255:
+    if cfg.loss.ignore_index != IGNORE_INDEX:
         # shards, crop padding and eval padding all mark ignored pixels 255 (the shard format's contract)
         raise ValueError(
             f"config key loss.ignore_index={cfg.loss.ignore_index}: only 255 is supported (the shard format's ignore value)"

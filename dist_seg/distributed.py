@@ -73,31 +73,15 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def all_reduce_sum_(t: torch.Tensor) -> None:
     """In-place SUM across ranks (no-op in one process)."""
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank: all ranks take the same branch afterwards."""
-    if not _active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
-    """`any_rank` for several flags with one all-reduce."""
+    """Each flag true on every rank when it is true on any rank (one all-reduce): all ranks take the same
+    branch afterwards."""
     if not _active():
         return list(flags)
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)

@@ -23,11 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dist_seg.data import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates the confusion matrix and the image-averaged mIoU state for `num_classes` classes."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None):
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
+    ):
         if num_classes < 1:
             raise ValueError(f"ConfusionMatrix: num_classes={num_classes} must be >= 1")
         self.num_classes = num_classes
@@ -35,10 +39,6 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         # [sum of per-image mIoU, number of images]: float64 so that sums over ~1e6 images stay exact enough.
         self.image_stats = torch.zeros(2, dtype=torch.float64, device=device)
-
-    def reset(self) -> None:
-        self.matrix.zero_()
-        self.image_stats.zero_()
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:

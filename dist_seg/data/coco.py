@@ -24,7 +24,6 @@ from pycocotools import mask as mask_utils
 
 OVERLAP_POLICIES = ("area", "order", "max-class", "ignore")
 CROWD_POLICIES = ("include", "ignore", "skip")
-IGNORE_INDEX = 255
 MAX_CLASSES = 255  # 0..254 are class indices; 255 is the ignore label
 
 # reason code -> what it means. Manifests, summaries and EDA reports use these codes.

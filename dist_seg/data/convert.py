@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.coco import (
     CROWD_POLICIES,
-    IGNORE_INDEX,
     OVERLAP_POLICIES,
     ClassMap,
     ImageEntry,

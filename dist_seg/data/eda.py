@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from dist_seg.classweights import median_frequency_weights
+from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.coco import (
     CROWD_POLICIES,
-    IGNORE_INDEX,
     OVERLAP_POLICIES,
     ClassMap,
     ImageEntry,

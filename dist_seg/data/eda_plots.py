@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
+from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.coco import (
-    IGNORE_INDEX,
     REASONS,
     ClassMap,
     ImageEntry,

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from dist_seg.data.coco import IGNORE_INDEX, OVERLAP_POLICIES, ImageEntry, _is_int
+from dist_seg.data import IGNORE_INDEX
+from dist_seg.data.coco import OVERLAP_POLICIES, ImageEntry, _is_int
 
 
 @dataclass

@@ -24,8 +24,8 @@ from braceexpand import braceexpand
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, decode_png
 
+from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.convert import read_manifest
-from dist_seg.data.transforms import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dist_seg.config import DataConfig
-
-IGNORE_INDEX = 255
+from dist_seg.data import IGNORE_INDEX
 
 
 def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
