@@ -50,7 +50,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
     """Start the process group from torchrun's environment, or describe a single process.
 
     The rendezvous store is namespaced per torchrun attempt: after `--max-restarts`, a plain `env://` init can
-    read the previous attempt's gloo addresses and connect to a dead worker (ARCHITECTURE.md §5).
+    read the previous attempt's gloo addresses and connect to a dead worker (docs/design.md §3).
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_ADDR" not in os.environ:
         return DistInfo(0, 0, 1, _pick_device(device_preference, 0), None)

@@ -1,4 +1,4 @@
-"""COCO instances dataset -> webdataset tar shards + manifest.json (the data contract, ARCHITECTURE.md §3).
+"""COCO instances dataset -> webdataset tar shards + manifest.json (the data contract, docs/design.md §1).
 
     dist-seg convert --coco ann.json --images DIR --out shards/train [--overlap area] [--workers 4]
     python -m dist_seg.data.convert --coco ann.json --images DIR --out shards/train

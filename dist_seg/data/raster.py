@@ -1,4 +1,4 @@
-"""Rasterise COCO instances into semantic label maps under the overlap and crowd policies (ARCHITECTURE.md §3).
+"""Rasterise COCO instances into semantic label maps under the overlap and crowd policies (docs/design.md §1).
 
 The converter, the EDA and the tests' expectations all go through these functions, so a policy means the
 same thing everywhere.

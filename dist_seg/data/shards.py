@@ -232,7 +232,7 @@ def decode_sample(raw: RawSample, labelled: bool, num_classes: int) -> Sample:
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders for TorchCodec (pyproject pins < 0.30); they remain the
-            # fastest way from JPEG bytes to a uint8 tensor here (ARCHITECTURE.md section 7)
+            # fastest way from JPEG bytes to a uint8 tensor here (benchmarks/input_pipeline.py measures it)
             warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
             image = decode_image(_tensor(raw.members[ext]), mode=ImageReadMode.RGB)
             seg = raw.members["seg.png"] if labelled else None
