@@ -236,7 +236,7 @@ def test_torchrun_two_ranks_two_workers_unequal_shards(data: dict[str, Path], tm
     train_spec = f"{data['u5']},{data['u13']},{data['u19']}"
     evals = [str(data[f"eval{n}"]) for n in (1, 2, 5)]
     out = tmp_path / "seen.json"
-    args = [str(REPO / "tests" / "data" / "stream_worker.py"), "--train", train_spec, "--out", str(out)]
+    args = [str(REPO / "tests" / "workers" / "stream_worker.py"), "--train", train_spec, "--out", str(out)]
     for spec in evals:
         args += ["--eval", spec]
     proc = torchrun(args, nproc=2, timeout=150)
