@@ -27,10 +27,11 @@ sys.path.insert(0, str(REPO))
 
 from dist_seg import distributed as D  # noqa: E402
 from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig  # noqa: E402
-from dist_seg.engine import AMP_DTYPES, StepContext, autocast, train_step  # noqa: E402
+from dist_seg.engine import StepContext, train_step  # noqa: E402
 from dist_seg.losses import build_loss  # noqa: E402
 from dist_seg.models import build_model  # noqa: E402
 from dist_seg.optim import build_optimizer, build_scheduler  # noqa: E402
+from dist_seg.precision import AMP_DTYPES, autocast  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, for the model-FLOPs utilisation
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,8 @@ from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import build_model, input_constraints, unwrap
 from dist_seg.models.vgg import format_load_report
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
+from dist_seg.precision import AMP_DTYPES, autocast
 from dist_seg.tb import TBLogger
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 @dataclass
@@ -133,10 +131,6 @@ def iter_epoch(loader: Any, state: TrainState) -> Any:
     for _ in range(state.batch_in_epoch):
         next(it)
     return it
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def to_device(t: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

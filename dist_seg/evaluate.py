@@ -23,9 +23,10 @@ from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config, load_config
 from dist_seg.data.shards import dataset_classes
 from dist_seg.data.stream import build_eval_loader
-from dist_seg.engine import AMP_DTYPES, evaluate
+from dist_seg.engine import evaluate
 from dist_seg.metrics import to_jsonable
 from dist_seg.models import input_constraints
+from dist_seg.precision import AMP_DTYPES
 from dist_seg.viz import confusion_figure
 
 

@@ -40,8 +40,8 @@ from dist_seg import distributed as D
 from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config, load_config
 from dist_seg.data.transforms import denormalize, padded_size
-from dist_seg.engine import AMP_DTYPES, autocast
 from dist_seg.models import input_constraints
+from dist_seg.precision import AMP_DTYPES, autocast
 from dist_seg.predict_inputs import Item, folder_items, grouped, list_folder, shard_items
 from dist_seg.progress import progress
 from dist_seg.submission import (
