@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_seg.config import ModelConfig
-from dist_seg.models import MODEL_NAMES, VGG_MODELS, build_model, padded_size
+from dist_seg.models import MODEL_NAMES, VGG_MODELS, build_model, padded_side
 
 DECONVNET_EXPECTED_GMAC = 192.0
 NUM_CLASSES = 21
@@ -32,7 +32,7 @@ def throughput(name: str, width: float, size: int, batch: int, iters: int, devic
     """Training images/s: forward, cross-entropy, backward, SGD step, after one warm-up iteration."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, width_mult=width), NUM_CLASSES).to(device).train()
-    side = padded_size(size, model)
+    side = padded_side(size, model)
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch, side, side), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

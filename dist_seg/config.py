@@ -385,9 +385,3 @@ def from_dict(d: dict[str, Any]) -> Config:
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
-
-
-if __name__ == "__main__":
-    from dist_seg.config_reference import reference_markdown
-
-    print(reference_markdown())

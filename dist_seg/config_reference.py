@@ -1,6 +1,6 @@
 """The config reference (every key, its default and its docstring) as the markdown table the README holds.
 
-python -m dist_seg.config        # prints it; tests/test_config.py checks that the README is up to date
+python -m dist_seg.config_reference   # prints it; tests/test_config.py checks that the README is up to date
 """
 
 from __future__ import annotations
@@ -40,3 +40,7 @@ def reference_markdown() -> str:
         "`optim.groups` entries: `params` (fnmatch pattern on parameter names), `lr_mult`, `weight_decay`."
     )
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

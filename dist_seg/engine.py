@@ -25,8 +25,7 @@ from dist_seg.data.stream import build_eval_loader, build_train_loader
 from dist_seg.data.transforms import padded_size
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
-from dist_seg.models import build_model, input_constraints, unwrap
-from dist_seg.models.vgg import format_load_report
+from dist_seg.models import build_model, input_constraints, pretrained_summary, unwrap
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.precision import AMP_DTYPES, autocast
 from dist_seg.tb import TBLogger
@@ -275,8 +274,8 @@ def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], 
     num_classes, _, manifest = dataset_classes(cfg.data.train_shards, cfg.model.num_classes)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, num_classes).to(info.device)
-    if getattr(model, "pretrained_report", None) is not None:
-        _log(info, format_load_report(model.pretrained_report, str(cfg.model.pretrained)))
+    if (summary := pretrained_summary(model, str(cfg.model.pretrained))) is not None:
+        _log(info, summary)
     # prepared before the optimizer is built, so the optimizer holds the parameters that train
     model = D.prepare_model(model, info, cfg.train.sync_bn, cfg.train.channels_last, cfg.train.compile)
     optimizer, groups = build_optimizer(model, cfg.optim)

@@ -12,41 +12,32 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_seg.config import Config, load_config
-from dist_seg.models import build_model, padded_size
+from dist_seg.data.manifest import manifest_dir, read_manifest
+from dist_seg.models import build_model, padded_side
 from dist_seg.optim import GroupInfo, build_optimizer, format_groups
 
 
-def manifest_path(train_shards: str) -> Path:
-    """Where the manifest of `data.train_shards` lives (a directory, a comma list, or a brace pattern)."""
-    first = Path(train_shards.split(",")[0].strip())
-    return first / "manifest.json" if first.is_dir() else first.parent / "manifest.json"
-
-
 def resolve_num_classes(cfg: Config) -> int:
-    """model.num_classes when set, else the number of `classes` in the training shards' manifest."""
+    """model.num_classes when set, else the number of classes in the training shards' manifest (the shard
+    files themselves need not be here: `info` describes a model, it does not read data)."""
     if cfg.model.num_classes is not None:
         return cfg.model.num_classes
-    if cfg.data.train_shards:
-        path = manifest_path(cfg.data.train_shards)
-        if path.is_file():
-            try:
-                classes = json.loads(path.read_text())["classes"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{path}: cannot read the `classes` list ({e!r}); set model.num_classes"
-                ) from e
-            return len(classes)
-    raise ValueError(
-        "model.num_classes is not set and no manifest.json was found for data.train_shards="
-        f"{cfg.data.train_shards!r}: set model.num_classes (e.g. model.num_classes=11)"
-    )
+    if not cfg.data.train_shards:
+        raise ValueError(
+            "model.num_classes is not set and data.train_shards is empty: set model.num_classes "
+            "(e.g. model.num_classes=11) or data.train_shards"
+        )
+    try:
+        manifest = read_manifest(manifest_dir(cfg.data.train_shards))
+    except ValueError as e:
+        raise ValueError(f"{e}; or set model.num_classes (e.g. model.num_classes=11)") from e
+    return int(manifest["num_classes"])
 
 
 def describe(cfg: Config) -> dict[str, Any]:
@@ -56,7 +47,7 @@ def describe(cfg: Config) -> dict[str, Any]:
     with torch.device("meta"):
         model = build_model(model_cfg, num_classes)
     model.eval()  # BN statistics of a single image would be undefined on DeconvNet's 1x1 fc maps
-    size = padded_size(cfg.data.crop_size, model)
+    size = padded_side(cfg.data.crop_size, model)
     x = torch.empty(1, 3, size, size, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,6 +17,16 @@ from dist_seg.data.transforms import denormalize
 from dist_seg.metrics import to_jsonable
 from dist_seg.tb import TBLogger
 from dist_seg.viz import class_palette
+
+
+class StepResult(Protocol):
+    """What the monitor reads of one optimizer step (engine.StepOutput; typed here so that the monitor need not
+    import the engine, which imports the monitor)."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+    loss_scale: float
 
 
 class Window:
@@ -31,7 +41,7 @@ class Window:
         self.scale, self.skipped_samples = 1.0, 0
         self.t0 = time.perf_counter()
 
-    def add(self, o: Any, wait: float, dt: float, skipped_samples: int) -> None:
+    def add(self, o: StepResult, wait: float, dt: float, skipped_samples: int) -> None:
         self.n += 1
         if not o.skipped:
             self.updates += 1
@@ -51,7 +61,7 @@ class Progress:
         self.window = Window()
         self.t_start = time.perf_counter()
 
-    def add(self, o: Any, wait: float, dt: float, skipped_samples: int) -> None:
+    def add(self, o: StepResult, wait: float, dt: float, skipped_samples: int) -> None:
         self.window.add(o, wait, dt, skipped_samples)
 
     def log(self, step: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:

@@ -18,7 +18,7 @@ Outputs under --out: the label map of INPUT as OUT/INPUT-with-.png (palette PNG,
 OUT/overlays/INPUT-with-.jpg with --overlays, and the CSV (see dist_seg.submission) with --submission.
 
 Under torchrun each rank predicts a contiguous part of the list and keeps its 256x256 maps (64 KB each);
-rank 0 receives them in chunks and writes the CSV in json order (`submission.write_submission`).
+rank 0 receives them in chunks and writes the CSV in json order (`gather_submission`).
 """
 
 from __future__ import annotations
@@ -46,11 +46,14 @@ from dist_seg.predict_inputs import Item, folder_items, grouped, list_folder, sh
 from dist_seg.progress import progress
 from dist_seg.submission import (
     DEFAULT_SIZE,
+    OrderedSink,
+    Problem,
+    SubmissionWriter,
     check_main,
+    check_submission,
     expected_from_coco,
     report,
     resize_nearest,
-    write_submission,
 )
 from dist_seg.viz import class_palette, overlay, save_palette_png
 
@@ -214,9 +217,9 @@ def run_predict(cfg: Config, opts: PredictOptions, info: D.DistInfo) -> dict:
     quiet = opts.quiet or not info.is_main
     small = predict_items(predictor, items, n, cfg, dataclasses.replace(opts, quiet=quiet), ck.num_classes)
     total = sum(D.all_gather_object(n))
-    problems: list = []
+    problems: list[Problem] = []
     if opts.submission:
-        problems = write_submission(
+        problems = gather_submission(
             opts.submission, small, expected, opts.submission_size, ck.num_classes, info
         )
     if info.is_main:
@@ -224,6 +227,46 @@ def run_predict(cfg: Config, opts: PredictOptions, info: D.DistInfo) -> dict:
         if opts.submission:
             print(report(problems, opts.submission) if problems else f"wrote {opts.submission} (checked: OK)")
     return {"images": total, "submission": opts.submission, "problems": problems}
+
+
+GATHER_CHUNK = 64  # 256x256 maps per broadcast: 4 MB
+
+
+def gather_submission(
+    path: str | Path,
+    small: list[tuple[int, str, np.ndarray]],
+    expected: Sequence[str] | None,
+    size: int,
+    num_classes: int,
+    dist: D.DistInfo,
+) -> list[Problem]:
+    """Collective: every rank passes its (index, image_id, map) list; rank 0 writes the CSV in `expected`
+    order (arrival order when None), validates the finished file and returns the problems (others: []).
+
+    Maps travel in chunks of GATHER_CHUNK by a broadcast from each rank in turn, so rank 0 holds one chunk
+    besides its own share and no shared filesystem is needed.
+    """
+    counts = D.all_gather_object(len(small))
+    sink = OrderedSink(SubmissionWriter(path, size, num_classes), expected) if dist.is_main else None
+    try:
+        for r, n in enumerate(counts):
+            for start in range(0, n, GATHER_CHUNK):
+                chunk = (
+                    [(im, m) for _, im, m in small[start : start + GATHER_CHUNK]] if dist.rank == r else None
+                )
+                if r != 0:
+                    chunk = D.broadcast_object(chunk, src=r)
+                if sink is not None:
+                    for im, m in chunk:
+                        sink.add(im, m)
+    except BaseException:
+        if sink is not None:
+            sink.writer.abort()
+        raise
+    if sink is None:
+        return []
+    sink.finish()
+    return sink.problems + check_submission(path, expected, size, num_classes)
 
 
 def _floats(text: str) -> tuple[float, ...]:

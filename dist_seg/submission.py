@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 
@@ -245,12 +244,10 @@ def expected_from_coco(coco_path: str | Path) -> tuple[list[str], int]:
     return names, num_classes
 
 
-# ---------------------------------------------------------------------------------------------- gathering
-GATHER_CHUNK = 64  # 256x256 maps per broadcast: 4 MB
-
-
-class _InOrder:
-    """Rank 0's row sink: writes rows in the expected order as soon as they are next; holds the rest."""
+# ---------------------------------------------------------------------------------------------- ordering
+class OrderedSink:
+    """A row sink that writes rows in the expected order (json order) as soon as they are next and holds the
+    rest; duplicates and images not in the json become problems, not rows."""
 
     def __init__(self, writer: SubmissionWriter, expected: Sequence[str] | None):
         self.writer, self.problems = writer, []
@@ -282,45 +279,6 @@ class _InOrder:
         for i in sorted(self.pending):  # rows after an image that never came (reported by the checker)
             self.writer.write(*self.pending.pop(i))
         self.writer.close()
-
-
-def write_submission(
-    path: str | Path,
-    small: list[tuple[int, str, np.ndarray]],
-    expected: Sequence[str] | None,
-    size: int,
-    num_classes: int,
-    info: Any,
-) -> list[Problem]:
-    """Collective: every rank passes its (index, image_id, map) list; rank 0 writes the CSV in `expected`
-    order (arrival order when None), validates the finished file and returns the problems (others: []).
-
-    `info` is the run's distributed.DistInfo. Maps travel in chunks of GATHER_CHUNK by a broadcast from each
-    rank in turn, so rank 0 holds one chunk besides its own share and no shared filesystem is needed.
-    """
-    from dist_seg import distributed as D  # here, so the checker never imports torch
-
-    counts = D.all_gather_object(len(small))
-    sink = _InOrder(SubmissionWriter(path, size, num_classes), expected) if info.is_main else None
-    try:
-        for r, n in enumerate(counts):
-            for start in range(0, n, GATHER_CHUNK):
-                chunk = (
-                    [(im, m) for _, im, m in small[start : start + GATHER_CHUNK]] if info.rank == r else None
-                )
-                if r != 0:
-                    chunk = D.broadcast_object(chunk, src=r)
-                if sink is not None:
-                    for im, m in chunk:
-                        sink.add(im, m)
-    except BaseException:
-        if sink is not None:
-            sink.writer.abort()
-        raise
-    if sink is None:
-        return []
-    sink.finish()
-    return sink.problems + check_submission(path, expected, size, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------- reporting

@@ -56,7 +56,7 @@ def test_readme_documents_every_key() -> None:
     for row in reference_markdown().splitlines():
         if row.startswith("| `"):
             assert row in readme, (
-                f"README config reference is stale: {row} (regenerate: python -m dist_seg.config)"
+                f"README config reference is stale: {row} (regenerate: python -m dist_seg.config_reference)"
             )
 
 

@@ -69,7 +69,8 @@ def test_num_classes_from_the_manifest(tmp_path: Path, capsys: pytest.CaptureFix
     shards = tmp_path / "shards"
     shards.mkdir()
     classes = [{"index": i, "name": f"c{i}", "coco_id": i} for i in range(7)]
-    (shards / "manifest.json").write_text(json.dumps({"classes": classes}))
+    manifest = {"format": "dist_seg.shards", "format_version": 1, "num_classes": 7, "classes": classes}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     argv = [f"data.train_shards={shards}", "model.name=deeplab_v1", "model.width_mult=0.125", "--json"]
     assert main(argv + ["data.crop_size=64"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import tarfile
 from dataclasses import asdict, dataclass
@@ -36,13 +35,12 @@ from dist_seg.data.coco import (
     load_coco,
 )
 from dist_seg.data.images import read_image
+from dist_seg.data.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from dist_seg.data.pool import ordered_map
 from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
 from dist_seg.data.shard_writer import fixed_tarinfo, plan_shard_counts, split_staging
 from dist_seg.progress import progress
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
 DEFAULT_SAMPLES_PER_SHARD = 1000
 _STAGING = ".staging.tar"
 
@@ -186,9 +184,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
         staging.unlink(missing_ok=True)
 
     manifest = _manifest(opts, coco, class_map, report, stats if labels else None, shards, written)
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -202,7 +198,7 @@ def _manifest(
     written: int,
 ) -> dict[str, Any]:
     m: dict[str, Any] = {
-        "format": "dist_seg.shards",
+        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "has_labels": stats is not None,
         "num_classes": class_map.num_classes,
@@ -247,23 +243,6 @@ def _manifest(
     m["dropped"] = dict(sorted(report.dropped.items()))
     m["repaired"] = dict(sorted(report.repaired.items()))
     m["remapped"] = dict(sorted(report.remapped.items()))
-    return m
-
-
-def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Load OUT/manifest.json; ValueError naming the path when it is missing or not a dist_seg manifest."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"no {MANIFEST_NAME} in {shard_dir} (convert the dataset with `dist-seg convert` first)"
-        )
-    m = json.loads(path.read_text())
-    if m.get("format") != "dist_seg.shards":
-        raise ValueError(f"{path} is not a dist_seg shard manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {m.get('format_version')} but this dist_seg reads {FORMAT_VERSION}"
-        )
     return m
 
 

@@ -16,13 +16,9 @@ gallery keeps the positions of the top-k overlap images and re-renders them at t
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import sys
-from array import array
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +36,7 @@ from dist_seg.data.coco import (
     index_dataset,
     load_coco,
 )
+from dist_seg.data.eda_totals import ImageStats, Totals
 from dist_seg.data.pool import ordered_map
 from dist_seg.data.raster import (
     Instance,
@@ -52,7 +49,6 @@ from dist_seg.data.raster import (
 from dist_seg.progress import progress as progress_lines
 
 SUMMARY_NAME = "summary.json"
-GALLERY_SIZE = 6
 SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO's small / medium / large thresholds (decoded mask pixels)
 
 MATRIX_DEFINITION = (
@@ -67,20 +63,6 @@ WEIGHTS_FORMULA = (
     "pixels of the images in which c appears; the median runs over classes with freq > 0; classes that never "
     "appear get weight 0 (median-frequency balancing, Eigen & Fergus 2015)."
 )
-
-
-@dataclass
-class ImageStats:
-    """What one image contributes; small enough to send back from a worker process."""
-
-    label_pixels: np.ndarray  # int64 [256]: pixels per label value under the chosen policy
-    classes: list[int]  # class index per instance
-    areas: list[int]  # decoded mask area per instance
-    annotated: int  # pixels covered by >= 1 instance
-    multi_instance: int  # pixels covered by >= 2 instances
-    multi_class: int  # pixels covered by instances of >= 2 different classes
-    pairs: dict[tuple[int, int], int]  # (class on top, class underneath) -> pixels, see MATRIX_DEFINITION
-    changed: dict[str, int]  # policy -> pixels whose label differs from the 'area' label
 
 
 def overlap_pairs(instances: list[Instance], height: int, width: int) -> dict[tuple[int, int], int]:
@@ -126,65 +108,6 @@ def image_stats(entry: ImageEntry, overlap: str, crowd: str) -> ImageStats:
     annotated = int((n_inst > 0).sum())
     classes, areas = [i.cls for i in inst], [i.area for i in inst]
     return ImageStats(label_pixels, classes, areas, annotated, multi, multi_class, pairs, changed)
-
-
-class Totals:
-    """Running sums over the images; `gallery` holds (overlap pixels, -position) of the top-k images."""
-
-    def __init__(self, num_classes: int, gallery_size: int = GALLERY_SIZE):
-        n = num_classes
-        self.label_pixels = np.zeros(256, np.int64)
-        self.images_with_pixels = np.zeros(n, np.int64)
-        self.image_pixels = np.zeros(n, np.int64)
-        self.instances = np.zeros(n, np.int64)
-        self.images = np.zeros(n, np.int64)
-        self.areas = [array("q") for _ in range(n)]
-        self.matrix = np.zeros((n, n), np.int64)
-        self.changed: Counter[str] = Counter(dict.fromkeys(OVERLAP_POLICIES, 0))
-        self.per_image: Counter[int] = Counter()
-        self.sizes: Counter[tuple[int, int]] = Counter()
-        self.analysed = self.total_pixels = self.annotated = self.crowd = 0
-        self.multi_instance = self.multi_class = self.images_with_overlap = self.images_with_class_overlap = 0
-        self.gallery: list[tuple[int, int]] = []
-        self._gallery_size = gallery_size
-
-    def add(self, position: int, entry: ImageEntry, s: ImageStats) -> None:
-        n = len(self.images)
-        self.analysed += 1
-        self.total_pixels += entry.width * entry.height
-        self.sizes[(entry.width, entry.height)] += 1
-        self.per_image[len(s.classes)] += 1
-        self.crowd += sum(bool(a["crowd"]) for a in entry.anns)
-        self.label_pixels += s.label_pixels
-        present = s.label_pixels[:n] > 0
-        self.images_with_pixels += present
-        self.image_pixels += present * int(s.label_pixels[:n].sum())
-        for c in set(s.classes):
-            self.images[c] += 1
-        for c, area in zip(s.classes, s.areas, strict=True):
-            self.instances[c] += 1
-            self.areas[c].append(area)
-        for (a, b), v in s.pairs.items():
-            self.matrix[a, b] += v
-        self.changed.update(s.changed)
-        self.annotated += s.annotated
-        self.multi_instance += s.multi_instance
-        self.multi_class += s.multi_class
-        self.images_with_overlap += s.multi_instance > 0
-        self.images_with_class_overlap += s.multi_class > 0
-        if s.multi_instance > 0:
-            item = (s.multi_instance, -position)
-            if len(self.gallery) < self._gallery_size:
-                heapq.heappush(self.gallery, item)
-            elif item > self.gallery[0]:
-                heapq.heapreplace(self.gallery, item)
-
-    def all_areas(self) -> np.ndarray:
-        return np.concatenate([np.frombuffer(a, np.int64) for a in self.areas] or [np.zeros(0, np.int64)])
-
-    def gallery_items(self) -> list[tuple[int, int]]:
-        """(position, overlap pixels) of the gallery images, most overlap first (ties: earlier image first)."""
-        return [(-neg, px) for px, neg in sorted(self.gallery, reverse=True)]
 
 
 def _share(part: int, whole: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,12 +24,10 @@ from dist_seg.data.coco import (
     ImageEntry,
     Report,
 )
+from dist_seg.data.eda_totals import Totals
 from dist_seg.data.images import read_image as read_checked_image
 from dist_seg.data.raster import decode_instances, rasterise
 from dist_seg.viz import class_palette, colorize
-
-if TYPE_CHECKING:
-    from dist_seg.data.eda import Totals
 
 PLOT_FILES = {
     "instances_per_class": "instances_per_class.png",

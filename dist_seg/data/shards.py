@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, decode_png
 
 from dist_seg.data import IGNORE_INDEX
-from dist_seg.data.convert import read_manifest
+from dist_seg.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

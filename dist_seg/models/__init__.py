@@ -18,7 +18,7 @@ from dist_seg.models.deconvnet import DeconvNet
 from dist_seg.models.deeplab import DeepLabV1LargeFOV
 from dist_seg.models.fcn import FCN8s
 from dist_seg.models.tv import TORCHVISION_MODELS, build_torchvision
-from dist_seg.models.vgg import load_pretrained_vgg
+from dist_seg.models.vgg import format_load_report, load_pretrained_vgg
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     raise ValueError(f"model.name={cfg.name!r}: expected one of {', '.join(MODEL_NAMES)}")
 
 
+def pretrained_summary(model: nn.Module, source: str) -> str | None:
+    """The pretrained-weights load report of a built model as log lines (None when nothing was loaded)."""
+    report = getattr(unwrap(model), "pretrained_report", None)
+    return format_load_report(report, source) if report is not None else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
@@ -60,11 +66,20 @@ def input_constraints(model: nn.Module) -> tuple[int, int]:
     return int(getattr(inner, "size_divisor", 1)), int(getattr(inner, "min_size", 1))
 
 
-def padded_size(size: int, model: nn.Module) -> int:
-    """The smallest side length >= `size` that satisfies the model's input constraints."""
+def padded_side(size: int, model: nn.Module) -> int:
+    """The smallest square side >= `size` that satisfies the model's input constraints (one int; the
+    loaders' per-image (h, w) rounding is dist_seg.data.transforms.padded_size)."""
     divisor, min_size = input_constraints(model)
     size = max(size, min_size)
     return -(-size // divisor) * divisor
 
 
-__all__ = ["MODEL_NAMES", "build_model", "input_constraints", "padded_size", "unwrap", "load_pretrained_vgg"]
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "input_constraints",
+    "padded_side",
+    "pretrained_summary",
+    "unwrap",
+    "load_pretrained_vgg",
+]

@@ -14,7 +14,8 @@ from conftest import decode_png, read_shards, reference_mask, shared_dataset
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dist_seg.data.convert import ConvertOptions, convert, read_manifest
+from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.data.manifest import read_manifest
 
 POLICIES = ["area", "order", "max-class", "ignore"]
 

@@ -22,7 +22,8 @@ from launch_utils import REPO, torchrun
 from PIL import Image
 
 from dist_seg.config import DataConfig
-from dist_seg.data.convert import ConvertOptions, convert, read_manifest
+from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.data.manifest import read_manifest
 from dist_seg.data.stream import (
     ShardError,
     build_eval_loader,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_seg.config import ModelConfig
-from dist_seg.models import MODEL_NAMES, build_model, input_constraints, padded_size
+from dist_seg.models import MODEL_NAMES, build_model, input_constraints, padded_side
 from dist_seg.models.deconvnet import DECODER_STAGES, DeconvNet
 from dist_seg.models.vgg import VGG16_CFG
 
@@ -106,9 +106,9 @@ def test_input_constraints_and_padding() -> None:
     assert input_constraints(deconv) == (32, 224)
     assert (deconv.size_divisor, deconv.min_size) == (32, 224)
     assert input_constraints(deeplab) == (8, 8)
-    assert padded_size(100, deconv) == 224
-    assert padded_size(500, deconv) == 512
-    assert padded_size(513, deeplab) == 520
+    assert padded_side(100, deconv) == 224
+    assert padded_side(500, deconv) == 512
+    assert padded_side(513, deeplab) == 520
 
     class Wrapper(nn.Module):  # stands in for DDP's `.module` attribute
         def __init__(self, module: nn.Module) -> None:
