@@ -188,9 +188,8 @@ def main() -> None:
         cfg = DataConfig(
             train_shards=str(tmp / "shards"), crop_size=args.crop, batch_size=args.batch, num_workers=0
         )
-        paths, _ = resolve_shards(cfg.train_shards)
         blobs = []
-        for path in paths:
+        for path in resolve_shards(cfg.train_shards).paths:
             for raw in read_samples(path):
                 ext = next(e for e in ("jpg", "jpeg", "png") if e in raw.members)
                 blobs.append((raw.members[ext], raw.members["seg.png"]))

@@ -110,13 +110,13 @@ def overhead(
 
 def ddp_child(args: argparse.Namespace) -> None:
     """Run under torchrun: global images/s of train_step with DDP (+ CPU SyncBN) on this machine."""
-    info = D.init_distributed("cpu", 300)
+    world = D.init_distributed("cpu", 300)
     try:
         classes = 11
-        model, _ = make(args.model, args.width, classes, "off", info.device)
-        model = D.prepare_model(model, info, sync_bn=True)
+        model, _ = make(args.model, args.width, classes, "off", world.device)
+        model = D.prepare_model(model, world, sync_bn=True)
         opt, _ = build_optimizer(model, OptimConfig(name="sgd", lr=0.01))
-        ctx = ctx_for(model, opt, "off", info.device, classes)
+        ctx = ctx_for(model, opt, "off", world.device, classes)
         x = torch.randn(args.batch, 3, args.size, args.size)
         y = torch.randint(0, classes, (args.batch, args.size, args.size))
         for i in range(2):
@@ -127,8 +127,8 @@ def ddp_child(args: argparse.Namespace) -> None:
             train_step(ctx, [(x, y)], i + 3)
         D.barrier()
         dt = time.perf_counter() - t
-        if info.is_main:
-            print(f"IPS {args.steps * args.batch * info.world_size / dt:.3f}")
+        if world.is_main:
+            print(f"IPS {args.steps * args.batch * world.world_size / dt:.3f}")
     finally:
         D.cleanup()
 

@@ -134,8 +134,6 @@ class LossConfig:
     class_weights: str | None = None
     """null, `auto` (median-frequency weights from the training manifest), or a path to a json list
     or an EDA summary.json (its `suggested_class_weights`)."""
-    ignore_index: int = IGNORE_INDEX
-    """Label value that never contributes to the loss or the metrics."""
     dice_weight: float = 1.0
     """Weight of the dice term in ce+dice."""
     focal_gamma: float = 2.0
@@ -248,11 +246,6 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key train.max_steps={cfg.train.max_steps}: must be >= 1 or null")
     if cfg.train.epochs < 1:
         raise ValueError(f"config key train.epochs={cfg.train.epochs}: must be >= 1")
-    if cfg.loss.ignore_index != IGNORE_INDEX:
-        # shards, crop padding and eval padding all mark ignored pixels 255 (the shard format's contract)
-        raise ValueError(
-            f"config key loss.ignore_index={cfg.loss.ignore_index}: only 255 is supported (the shard format's ignore value)"
-        )
     if cfg.loss.name == "focal" and cfg.loss.label_smoothing != 0.0:
         # the focal loss has no smoothed-target form here; ignoring the key silently would change the recipe
         raise ValueError(
@@ -262,6 +255,27 @@ def validate(cfg: Config) -> Config:
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"config key optim.betas={cfg.optim.betas}: needs two values")
     return cfg
+
+
+# keys that no longer exist, with what to do instead (OmegaConf's own message would only say "not in schema")
+REMOVED_KEYS = {
+    "loss.ignore_index": (
+        f"the ignore value is fixed at {IGNORE_INDEX} by the shard format (uint8 label maps; crop and eval "
+        "padding use it too), so it is no longer a config key: delete it"
+    ),
+}
+
+
+def _refuse_removed_keys(keys: list[str], where: str) -> None:
+    for key in keys:
+        if key in REMOVED_KEYS:
+            raise ValueError(f"config key {key}{where}: {REMOVED_KEYS[key]}")
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix[:-1]] if prefix else []
+    return [k for name, v in tree.items() for k in _dotted_keys(v, f"{prefix}{name}.")] or [prefix[:-1]]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -279,11 +293,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layer = OmegaConf.load(path)
         except Exception as e:  # yaml errors come in several types
             raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        _refuse_removed_keys(_dotted_keys(OmegaConf.to_container(layer)), f" in {path}")
         _refuse_yaml_booleans_for_strings(OmegaConf.to_container(layer), Config, "", path)
         layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"config override {item!r} must look like key=value (e.g. train.epochs=3)")
+        _refuse_removed_keys([item.split("=", 1)[0].strip()], "")
     where = f" in {path}" if path is not None else ""
     try:
         merged = OmegaConf.merge(schema, *layers)

@@ -17,7 +17,9 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class DistInfo:
+class World:
+    """This process's place in the run: its rank, local rank and device, the number of processes, the backend."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -46,14 +48,14 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistInfo:
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> World:
     """Start the process group from torchrun's environment, or describe a single process.
 
     The rendezvous store is namespaced per torchrun attempt: after `--max-restarts`, a plain `env://` init can
     read the previous attempt's gloo addresses and connect to a dead worker (docs/design.md §3).
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_ADDR" not in os.environ:
-        return DistInfo(0, 0, 1, _pick_device(device_preference, 0), None)
+        return World(0, 0, 1, _pick_device(device_preference, 0), None)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(device_preference, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -61,7 +63,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     store = dist.PrefixStore(f"attempt_{restart_count()}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    return DistInfo(rank, local_rank, world, device, backend)
+    return World(rank, local_rank, world, device, backend)
 
 
 def cleanup() -> None:
@@ -225,7 +227,7 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
 
 def prepare_model(
     model: nn.Module,
-    info: DistInfo,
+    world: World,
     sync_bn: bool = False,
     channels_last: bool = False,
     torch_compile: bool = False,
@@ -235,14 +237,14 @@ def prepare_model(
     Call it before building the optimizer and build the optimizer from what it returns: the CPU SyncBN
     converter creates new BatchNorm Parameters, so an optimizer built earlier would silently hold the
     replaced ones and never update the BN weights (on CPU only; torch's converter reuses them). SyncBN and
-    DDP apply only when world_size > 1. The model must already be on info.device.
+    DDP apply only when world_size > 1. The model must already be on world.device.
     """
-    if sync_bn and info.world_size > 1:
-        model = convert_sync_batchnorm(model, info.device)
+    if sync_bn and world.world_size > 1:
+        model = convert_sync_batchnorm(model, world.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if info.world_size > 1:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
+    if world.world_size > 1:
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if torch_compile:
         model = torch.compile(model)

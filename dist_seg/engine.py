@@ -1,4 +1,4 @@
-"""The training loop: fit() -> epochs of train_step(), evaluate(), checkpoints. Read it top to bottom.
+"""The training loop: fit() -> epochs of train_step(), _validate() (compute_confusion on the val shards), checkpoints. Read it top to bottom.
 
 Step arithmetic: one optimizer step consumes train.grad_accum loader batches on every rank, i.e.
 data.batch_size x world_size x train.grad_accum images. Every rank runs exactly the same number of steps
@@ -20,8 +20,8 @@ from dist_seg import distributed as D
 from dist_seg import faults, monitor
 from dist_seg.checkpoint import CheckpointManager, capture_rng_state, restore_training, training_checkpoint
 from dist_seg.config import Config, save_config, to_yaml
-from dist_seg.data.shards import dataset_classes
-from dist_seg.data.stream import build_eval_loader, build_train_loader
+from dist_seg.data.shards import ShardSet, dataset_classes
+from dist_seg.data.stream import TrainLoader, build_eval_loader, build_train_loader
 from dist_seg.data.transforms import padded_size
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
@@ -181,11 +181,10 @@ def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:
 
 
 @torch.inference_mode()
-def evaluate(
+def compute_confusion(
     model: nn.Module,
     loader: Any,
     num_classes: int,
-    ignore_index: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool = False,
@@ -201,7 +200,7 @@ def evaluate(
     model = unwrap(model)
     model.eval()
     divisor, min_size = input_constraints(model)
-    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    cm = ConfusionMatrix(num_classes, device=device)  # pixels labelled IGNORE_INDEX count nowhere
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
         groups: dict[tuple[int, int], list[int]] = {}
@@ -221,14 +220,14 @@ def evaluate(
     return cm, kept
 
 
-def _log(info: D.DistInfo, msg: str) -> None:
-    if info.is_main:
+def _log(world: D.World, msg: str) -> None:
+    if world.is_main:
         print(msg, flush=True)
 
 
 def _save(
     cfg: Config,
-    info: D.DistInfo,
+    world: D.World,
     ctx: StepContext,
     state: TrainState,
     ckpts: CheckpointManager,
@@ -241,15 +240,15 @@ def _save(
     ck = training_checkpoint(
         cfg, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, state.state_dict(), rng, num_classes, names
     )
-    if info.is_main:
+    if world.is_main:
         ckpts.save(ck, state.step, is_best)
 
 
-def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, info: D.DistInfo) -> Path | None:
+def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, world: D.World) -> Path | None:
     """Rank 0 picks the checkpoint to resume from (or none) and every rank must be able to read it: a rank
     that decided alone could start fresh while the others resume, and DDP would average diverged replicas."""
     choice: tuple[str | None, str | None] = (None, None)
-    if info.is_main:
+    if world.is_main:
         try:
             path = ckpts.resume_path(cfg.train.resume)
             choice = (str(path) if path is not None else None, None)
@@ -269,80 +268,80 @@ def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, info: D.DistInfo) ->
     return Path(path) if path is not None else None
 
 
-def _build(cfg: Config, info: D.DistInfo) -> tuple[StepContext, dict[str, Any], Any, int]:
-    """Model, optimizer, scheduler, scaler, loss and the train loader, ready to step."""
-    num_classes, _, manifest = dataset_classes(cfg.data.train_shards, cfg.model.num_classes)
+def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoader, Plan]:
+    """Model, optimizer, scheduler, scaler, loss, the train loader and the plan, ready to step."""
+    shard_set = dataset_classes(cfg.data.train_shards, cfg.model.num_classes)
+    num_classes = shard_set.num_classes
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg.model, num_classes).to(info.device)
+    model = build_model(cfg.model, num_classes).to(world.device)
     if (summary := pretrained_summary(model, str(cfg.model.pretrained))) is not None:
-        _log(info, summary)
+        _log(world, summary)
     # prepared before the optimizer is built, so the optimizer holds the parameters that train
-    model = D.prepare_model(model, info, cfg.train.sync_bn, cfg.train.channels_last, cfg.train.compile)
+    model = D.prepare_model(model, world, cfg.train.sync_bn, cfg.train.channels_last, cfg.train.compile)
     optimizer, groups = build_optimizer(model, cfg.optim)
-    _log(info, format_groups(groups))
-    loader = build_train_loader(cfg.data, info.rank, info.world_size, cfg.train.seed)
+    _log(world, format_groups(groups))
+    loader = build_train_loader(cfg.data, world.rank, world.world_size, cfg.train.seed)
     steps_per_epoch = loader.steps_per_epoch // cfg.train.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{manifest['total_samples']} training samples are fewer than one optimizer step needs "
-            f"(data.batch_size={cfg.data.batch_size} x {info.world_size} ranks x train.grad_accum={cfg.train.grad_accum})"
+            f"{shard_set.total_samples} training samples are fewer than one optimizer step needs "
+            f"(data.batch_size={cfg.data.batch_size} x {world.world_size} ranks x train.grad_accum={cfg.train.grad_accum})"
         )
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     amp_dtype = AMP_DTYPES[cfg.train.amp]
-    weights = load_class_weights(cfg.loss.class_weights, manifest, num_classes)
+    weights = load_class_weights(cfg.loss.class_weights, shard_set.class_stats, num_classes)
     ctx = StepContext(
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.sched, total_steps),
-        scaler=torch.amp.GradScaler(info.device.type) if cfg.train.amp == "fp16" else None,
-        loss_fn=build_loss(cfg.loss, num_classes, weights).to(info.device),
-        device=info.device,
+        scaler=torch.amp.GradScaler(world.device.type) if cfg.train.amp == "fp16" else None,
+        loss_fn=build_loss(cfg.loss, num_classes, weights).to(world.device),
+        device=world.device,
         amp_dtype=amp_dtype,
         clip_grad=cfg.train.clip_grad,
         channels_last=cfg.train.channels_last,
         max_nonfinite=cfg.train.max_nonfinite,
         params=[p for p in model.parameters() if p.requires_grad],
     )
-    manifest["steps_per_epoch"], manifest["total_steps"] = steps_per_epoch, total_steps
-    return ctx, manifest, loader, num_classes
+    return ctx, shard_set, loader, Plan.from_config(cfg, steps_per_epoch, total_steps)
 
 
-def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
+def fit(cfg: Config, world: D.World) -> dict[str, Any]:
     """Train as configured; returns the last evaluation's metrics."""
     out = Path(cfg.train.out_dir)
-    ctx, manifest, loader, num_classes = _build(cfg, info)
-    names = [c["name"] for c in manifest["classes"]]
-    steps_per_epoch, total_steps = manifest["steps_per_epoch"], manifest["total_steps"]
+    ctx, shard_set, loader, plan = _build(cfg, world)
+    num_classes, names, total_steps = shard_set.num_classes, shard_set.class_names, plan.total_steps
     ckpts = CheckpointManager(out, cfg.train.keep_last)
     state = TrainState()
-    resume = _agree_on_resume(ckpts, cfg, info)
+    resume = _agree_on_resume(ckpts, cfg, world)
     if resume is not None:
         saved = restore_training(
-            resume, cfg, num_classes, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, info.rank
+            resume, cfg, num_classes, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, world.rank
         )
         state.load_state_dict(saved)
-        _log(info, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
-    if info.is_main:
+        _log(world, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
+    if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         if resume is not None:
             monitor.trim_history(out, state.step)
-    tb = TBLogger(out / "tb", enabled=info.is_main, purge_step=state.step + 1 if resume is not None else None)
+    tb = TBLogger(
+        out / "tb", enabled=world.is_main, purge_step=state.step + 1 if resume is not None else None
+    )
     tb.text("config", to_yaml(cfg), preformatted=True)
     _log(
-        info,
-        f"{info.world_size} process(es) on {info.device}; {manifest['total_samples']} training samples; "
-        f"{steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * info.world_size * cfg.train.grad_accum}; "
+        world,
+        f"{world.world_size} process(es) on {world.device}; {shard_set.total_samples} training samples; "
+        f"{plan.steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * world.world_size * cfg.train.grad_accum}; "
         f"{total_steps} steps",
     )
-    plan = Plan.from_config(cfg, steps_per_epoch, total_steps)
-    progress = monitor.Progress(cfg, info, tb, total_steps, state.step)
+    progress = monitor.Progress(cfg, world, tb, total_steps, state.step)
     ckpts.before_rename = faults.before_checkpoint_rename
     metrics: dict[str, Any] = {}
     while state.step < total_steps:
         it = iter_epoch(loader, state)
         while not plan.epoch_done(state) and state.step < total_steps:
-            faults.on_step(state.step + 1, info.rank)
+            faults.on_step(state.step + 1, world.rank)
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(cfg.train.grad_accum)]
             t1 = time.perf_counter()
@@ -357,24 +356,24 @@ def fit(cfg: Config, info: D.DistInfo) -> dict[str, Any]:
             evaluate_now = plan.should_evaluate(state.step, epoch_done)
             is_best = False
             if evaluate_now and cfg.data.val_shards:
-                metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
+                metrics = _validate(cfg, world, ctx, tb, state.step, num_classes, names)
                 is_best = metrics["miou"] > state.best_miou
                 state.best_miou = max(state.best_miou, metrics["miou"])
             if plan.should_save(state.step, epoch_done, evaluate_now):
-                _save(cfg, info, ctx, state, ckpts, is_best, num_classes, names)
+                _save(cfg, world, ctx, state, ckpts, is_best, num_classes, names)
             if epoch_done:
                 break
     if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics
-        metrics = _evaluate_and_log(cfg, info, ctx, tb, state.step, num_classes, names)
-    if info.is_main and metrics:
-        monitor.report_hparams(cfg, tb, info.world_size, metrics)
+        metrics = _validate(cfg, world, ctx, tb, state.step, num_classes, names)
+    if world.is_main and metrics:
+        monitor.report_hparams(cfg, tb, world.world_size, metrics)
     tb.close()
     return metrics
 
 
-def _evaluate_and_log(
+def _validate(
     cfg: Config,
-    info: D.DistInfo,
+    world: D.World,
     ctx: StepContext,
     tb: TBLogger,
     step: int,
@@ -382,19 +381,18 @@ def _evaluate_and_log(
     names: list[str],
 ) -> dict[str, Any]:
     divisor, min_size = input_constraints(ctx.model)
-    loader = build_eval_loader(cfg.data, info.rank, info.world_size, divisor, min_size)
-    keep = cfg.train.num_vis_images if info.is_main else 0
-    cm, kept = evaluate(
+    loader = build_eval_loader(cfg.data, world.rank, world.world_size, divisor, min_size)
+    keep = cfg.train.num_vis_images if world.is_main else 0
+    cm, kept = compute_confusion(
         ctx.model,
         loader,
         num_classes,
-        cfg.loss.ignore_index,
-        info.device,
+        world.device,
         ctx.amp_dtype,
         cfg.train.channels_last,
         keep,
     )
     metrics = cm.compute(names)
-    if info.is_main:
+    if world.is_main:
         monitor.report_eval(cfg, tb, step, metrics, cm.matrix.cpu().numpy(), kept, names, num_classes)
     return metrics

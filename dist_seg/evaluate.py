@@ -4,7 +4,7 @@
     dist-seg evaluate --config CFG --checkpoint CKPT --shards shards/val2 --out runs/demo/eval_val2 data.eval_resize=512
     torchrun --nproc_per_node=2 -m dist_seg.evaluate --config CFG --checkpoint CKPT
 
-The evaluation is the trainer's own (`engine.evaluate`): every sample once across ranks, a per-rank int64
+The evaluation is the trainer's own (`engine.compute_confusion`): every sample once across ranks, a per-rank int64
 confusion matrix, one all-reduce; the numbers equal the trainer's eval of the same weights on the same shards
 with the same config. Shards default to data.val_shards, the output directory to CHECKPOINT_DIR/eval.
 """
@@ -23,17 +23,17 @@ from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config, load_config
 from dist_seg.data.shards import dataset_classes
 from dist_seg.data.stream import build_eval_loader
-from dist_seg.engine import evaluate
+from dist_seg.engine import compute_confusion
 from dist_seg.metrics import to_jsonable
 from dist_seg.models import input_constraints
 from dist_seg.precision import AMP_DTYPES
 from dist_seg.viz import confusion_figure
 
 
-def run_evaluate(
+def evaluate_checkpoint(
     cfg: Config,
     checkpoint: str | Path,
-    info: D.DistInfo,
+    world: D.World,
     out: str | Path | None = None,
     shards: str | None = None,
 ) -> dict[str, Any]:
@@ -44,23 +44,23 @@ def run_evaluate(
     spec = shards or cfg.data.val_shards
     if not spec:
         raise ValueError("nothing to evaluate: set config key data.val_shards or pass --shards")
-    num_classes, shard_names, shard_info = dataset_classes(spec, cfg.model.num_classes)
-    if not shard_info["has_labels"]:
+    shard_set = dataset_classes(spec, cfg.model.num_classes)
+    num_classes, shard_names = shard_set.num_classes, shard_set.class_names
+    if not shard_set.has_labels:
         raise ValueError(f"shards {spec} have no label maps (a test split?): use `dist-seg predict` instead")
-    model, ck = load_for_inference(cfg, checkpoint, info.device, num_classes)
+    model, ck = load_for_inference(cfg, checkpoint, world.device, num_classes)
     if ck.class_names != shard_names:
         raise ValueError(
             f"checkpoint {ck.path} was trained on classes {ck.class_names}, but the shards {spec} have "
             f"classes {shard_names}"
         )
     divisor, min_size = input_constraints(model)
-    loader = build_eval_loader(cfg.data, info.rank, info.world_size, divisor, min_size, shards=spec)
-    cm, _ = evaluate(
+    loader = build_eval_loader(cfg.data, world.rank, world.world_size, divisor, min_size, shards=spec)
+    cm, _ = compute_confusion(
         model,
         loader,
         num_classes,
-        cfg.loss.ignore_index,
-        info.device,
+        world.device,
         AMP_DTYPES[cfg.train.amp],
         cfg.train.channels_last,
     )
@@ -71,12 +71,12 @@ def run_evaluate(
         "step": ck.step,
         "model": ck.model_name,
         "shards": spec,
-        "num_images": shard_info["total_samples"] - skipped,
+        "num_images": shard_set.total_samples - skipped,
         "skipped": skipped,
-        "world_size": info.world_size,
+        "world_size": world.world_size,
         **metrics,
     }
-    if info.is_main:
+    if world.is_main:
         out_dir = Path(out) if out is not None else ck.path.parent / "eval"
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dist-seg evaluate: error: {e}", file=sys.stderr)
         return 2
-    info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
+    world = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
     try:
-        run_evaluate(cfg, args.checkpoint, info, args.out, args.shards)
+        evaluate_checkpoint(cfg, args.checkpoint, world, args.out, args.shards)
     except ValueError as e:  # user errors are the same on every rank: each exits with the message
         print(f"dist-seg evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_seg.config import Config, load_config
 from dist_seg.data.manifest import manifest_dir, read_manifest
 from dist_seg.models import build_model, padded_side
-from dist_seg.optim import GroupInfo, build_optimizer, format_groups
+from dist_seg.optim import ParamGroupSummary, build_optimizer, format_groups
 
 
 def resolve_num_classes(cfg: Config) -> int:
@@ -52,7 +52,7 @@ def describe(cfg: Config) -> dict[str, Any]:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     flops = int(counter.get_total_flops())
-    _, infos = build_optimizer(model, cfg.optim)
+    _, summaries = build_optimizer(model, cfg.optim)
     params = list(model.parameters())
     return {
         "model": cfg.model.name,
@@ -64,19 +64,19 @@ def describe(cfg: Config) -> dict[str, Any]:
         "flops": flops,
         "macs": flops // 2,
         "optimizer": cfg.optim.name,
-        "groups": [dataclasses.asdict(g) for g in infos],
+        "groups": [dataclasses.asdict(g) for g in summaries],
     }
 
 
-def format_report(info: dict[str, Any]) -> str:
-    n, c, h, w = info["input_size"]
+def format_report(facts: dict[str, Any]) -> str:
+    n, c, h, w = facts["input_size"]
     return "\n".join(
         [
-            f"model: {info['model']} (width_mult {info['width_mult']}, {info['num_classes']} classes)",
-            f"parameters: {info['params']:,} ({info['trainable_params']:,} trainable)",
-            f"forward FLOPs at {n}x{c}x{h}x{w}: {info['flops'] / 1e9:.2f} GFLOP = {info['macs'] / 1e9:.2f} GMAC",
-            f"optimizer: {info['optimizer']}, groups:",
-            format_groups([GroupInfo(**g) for g in info["groups"]]),
+            f"model: {facts['model']} (width_mult {facts['width_mult']}, {facts['num_classes']} classes)",
+            f"parameters: {facts['params']:,} ({facts['trainable_params']:,} trainable)",
+            f"forward FLOPs at {n}x{c}x{h}x{w}: {facts['flops'] / 1e9:.2f} GFLOP = {facts['macs'] / 1e9:.2f} GMAC",
+            f"optimizer: {facts['optimizer']}, groups:",
+            format_groups([ParamGroupSummary(**g) for g in facts["groups"]]),
         ]
     )
 
@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one json object instead of text")
     args = parser.parse_intermixed_args(argv)
     try:
-        info = describe(load_config(args.config, args.overrides))
+        facts = describe(load_config(args.config, args.overrides))
     except ValueError as e:
         print(f"dist-seg info: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    print(json.dumps(facts, indent=2) if args.json else format_report(facts))
     return 0
 
 

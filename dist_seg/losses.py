@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dist_seg.classweights import median_frequency_weights
 from dist_seg.config import LossConfig
+from dist_seg.data import IGNORE_INDEX
 
 __all__ = [
     "CELoss",
@@ -84,7 +85,7 @@ class CELoss(_SegLoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -129,7 +130,7 @@ class CEDiceLoss(CELoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Tensor | None = None,
         label_smoothing: float = 0.0,
         dice_weight: float = 1.0,
@@ -151,7 +152,7 @@ class FocalLoss(_SegLoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Tensor | None = None,
         gamma: float = 2.0,
     ) -> None:
@@ -174,7 +175,7 @@ class FocalLoss(_SegLoss):
 
 def build_loss(cfg: LossConfig, num_classes: int, class_weights: Tensor | None = None) -> nn.Module:
     """The loss named by `cfg.name` (ce | ce+dice | focal) for `num_classes` classes."""
-    common: dict[str, Any] = {"ignore_index": cfg.ignore_index, "class_weights": class_weights}
+    common: dict[str, Any] = {"class_weights": class_weights}
     if cfg.name == "ce":
         return CELoss(num_classes, label_smoothing=cfg.label_smoothing, **common)
     if cfg.name == "ce+dice":
@@ -186,10 +187,12 @@ def build_loss(cfg: LossConfig, num_classes: int, class_weights: Tensor | None =
     raise ValueError(f"config key loss.name={cfg.name!r}: expected one of ce, ce+dice, focal")
 
 
-def _weights_from_manifest(manifest: dict[str, Any], num_classes: int) -> list[float]:
-    stats = manifest.get("class_stats")
+def _weights_from_class_stats(stats: list[dict[str, Any]] | None, num_classes: int) -> list[float]:
     if not isinstance(stats, list):
-        raise ValueError("loss.class_weights=auto needs the training manifest's 'class_stats' list")
+        raise ValueError(
+            "loss.class_weights=auto needs the 'class_stats' of the training manifest (data.train_shards "
+            "converted with labels by `dist-seg convert`)"
+        )
     by_index = {int(s["index"]): s for s in stats}
     if sorted(by_index) != list(range(num_classes)):
         raise ValueError(
@@ -220,15 +223,16 @@ def _weights_from_file(path: Path) -> list[float]:
     return [float(v) for v in data]
 
 
-def load_class_weights(spec: str | None, manifest: dict[str, Any] | None, num_classes: int) -> Tensor | None:
-    """Resolve `loss.class_weights`: None -> None; "auto" -> median-frequency weights from the manifest's
-    class_stats; otherwise a path to a json list of floats or an EDA summary (`suggested_class_weights`)."""
+def load_class_weights(
+    spec: str | None, class_stats: list[dict[str, Any]] | None, num_classes: int
+) -> Tensor | None:
+    """Resolve `loss.class_weights`: None -> None; "auto" -> median-frequency weights from the training
+    shards' class_stats (ShardSet.class_stats); otherwise a path to a json list of floats or an EDA summary
+    (`suggested_class_weights`)."""
     if spec is None:
         return None
     if spec == "auto":
-        if manifest is None:
-            raise ValueError("loss.class_weights=auto needs a training manifest (data.train_shards)")
-        weights, source = _weights_from_manifest(manifest, num_classes), "the manifest"
+        weights, source = _weights_from_class_stats(class_stats, num_classes), "the manifest's class_stats"
     else:
         weights, source = _weights_from_file(Path(spec)), str(spec)
     if len(weights) != num_classes:

@@ -55,8 +55,8 @@ class Window:
 class Progress:
     """The training loop's progress reporting: owns its window of sums and the run's start for the ETA."""
 
-    def __init__(self, cfg: Config, info: D.DistInfo, tb: TBLogger, total_steps: int, step_at_start: int):
-        self.cfg, self.info, self.tb = cfg, info, tb
+    def __init__(self, cfg: Config, world: D.World, tb: TBLogger, total_steps: int, step_at_start: int):
+        self.cfg, self.world, self.tb = cfg, world, tb
         self.total_steps, self.step_at_start = total_steps, step_at_start
         self.window = Window()
         self.t_start = time.perf_counter()
@@ -67,13 +67,13 @@ class Progress:
     def log(self, step: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         """TensorBoard scalars and one progress line for the steps since the last call (a collective: every
         rank calls it at the same steps)."""
-        cfg, info, tb, w = self.cfg, self.info, self.tb, self.window
+        cfg, world, tb, w = self.cfg, self.world, self.tb, self.window
         total_steps = self.total_steps
         # averages over the steps that updated the weights; NaN when every step of the window was skipped
-        loss = D.mean_across_ranks(w.loss / w.updates if w.updates else math.nan, info.device)
-        skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), info.device) * info.world_size))
+        loss = D.mean_across_ranks(w.loss / w.updates if w.updates else math.nan, world.device)
+        skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), world.device) * world.world_size))
         elapsed = time.perf_counter() - w.t0
-        ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * info.world_size / max(elapsed, 1e-9)
+        ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * world.world_size / max(elapsed, 1e-9)
         values = {
             "train/loss": loss,
             "train/grad_norm": w.grad_norm / w.updates if w.updates else math.nan,
@@ -84,13 +84,13 @@ class Progress:
         }
         for g in optimizer.param_groups:
             values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
-        if info.device.type == "cuda":
-            values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+        if world.device.type == "cuda":
+            values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
         tb.scalars(values, step)
         done = step - self.step_at_start
         eta = (time.perf_counter() - self.t_start) / max(done, 1) * (total_steps - step)
         lr = optimizer.param_groups[0]["lr"]
-        if info.is_main:
+        if world.is_main:
             print(
                 f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
                 f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {hms(eta)}",

@@ -24,7 +24,7 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 
 @dataclass
-class GroupInfo:
+class ParamGroupSummary:
     pattern: str
     """The group's name: its pattern, `default`, a `/no_decay` suffix for the weight-decay-free copy, or
     `frozen` for parameters with requires_grad=False (those are in no optimizer group)."""
@@ -60,10 +60,12 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, list[GroupInfo]]:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig
+) -> tuple[torch.optim.Optimizer, list[ParamGroupSummary]]:
     """The optimizer `cfg.name` over param groups built from `cfg.groups`; see the module docstring.
 
-    Each torch param group carries `name` and `lr_mult`. The returned GroupInfo list describes
+    Each torch param group carries `name` and `lr_mult`. The returned ParamGroupSummary list describes
     optimizer.param_groups in the same order, followed by one `frozen` entry when frozen parameters exist.
     """
     named = [(_param_name(n), p) for n, p in model.named_parameters()]
@@ -98,7 +100,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
 
     no_decay = _no_decay_names(model) if cfg.no_decay_norm_and_bias else set()
     torch_groups: list[dict] = []
-    infos: list[GroupInfo] = []
+    summaries: list[ParamGroupSummary] = []
 
     def add(name: str, members: list[tuple[str, nn.Parameter]], lr_mult: float, wd: float) -> None:
         if not members:
@@ -107,8 +109,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
         torch_groups.append(
             {"params": params, "lr": cfg.lr * lr_mult, "weight_decay": wd, "name": name, "lr_mult": lr_mult}
         )
-        infos.append(
-            GroupInfo(
+        summaries.append(
+            ParamGroupSummary(
                 name,
                 sum(p.numel() for p in params),
                 len(params),
@@ -126,12 +128,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
         add(f"{name}/no_decay", [m for m in members if m[0] in no_decay], lr_mult, 0.0)
     if frozen:
         size = sum(p.numel() for _, p in frozen)
-        infos.append(GroupInfo("frozen", size, len(frozen), 0.0, 0.0, frozen=True, modules=_tops(frozen)))
+        summaries.append(
+            ParamGroupSummary("frozen", size, len(frozen), 0.0, 0.0, frozen=True, modules=_tops(frozen))
+        )
 
     _check_coverage(named, torch_groups)
     if not torch_groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    return _make_optimizer(torch_groups, cfg), infos
+    return _make_optimizer(torch_groups, cfg), summaries
 
 
 def _check_coverage(named: list[tuple[str, nn.Parameter]], torch_groups: list[dict[str, Any]]) -> None:
@@ -166,10 +170,10 @@ def _make_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     raise ValueError(f"optim.name={cfg.name!r}: expected one of sgd, adamw, adam")
 
 
-def format_groups(infos: list[GroupInfo]) -> str:
+def format_groups(summaries: list[ParamGroupSummary]) -> str:
     """The start-up table: one row per group with its pattern, size, lr and weight decay."""
     rows = [("group", "tensors", "params", "lr", "weight_decay", "modules")]
-    for g in infos:
+    for g in summaries:
         lr = "frozen" if g.frozen else f"{g.lr:.3g}"
         rows.append(
             (
@@ -189,7 +193,7 @@ def format_groups(infos: list[GroupInfo]) -> str:
         ).rstrip()
         for r in rows
     ]
-    trainable = sum(g.params for g in infos if not g.frozen)
+    trainable = sum(g.params for g in summaries if not g.frozen)
     lines.append(f"trainable parameters: {trainable:,}")
     return "\n".join(lines)
 

@@ -179,7 +179,7 @@ def parse_tta(tta: str, scales: Sequence[float] | None) -> tuple[bool, tuple[flo
     return "flip" in parts, tuple(scales or (0.75, 1.0, 1.25)) if "scales" in parts else (1.0,)
 
 
-def run_predict(cfg: Config, opts: PredictOptions, info: D.DistInfo) -> dict:
+def run_predict(cfg: Config, opts: PredictOptions, world: D.World) -> dict:
     """Predict this rank's part; rank 0 writes the CSV. Returns {"images", "submission", "problems"}."""
     if (opts.images is None) == (opts.shards is None):
         raise ValueError("give exactly one of --images DIR and --shards SPEC")
@@ -191,7 +191,7 @@ def run_predict(cfg: Config, opts: PredictOptions, info: D.DistInfo) -> dict:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch_size=batch_size))
     out = Path(opts.out)
-    model, ck = load_for_inference(cfg, opts.checkpoint, info.device)
+    model, ck = load_for_inference(cfg, opts.checkpoint, world.device)
     expected = None
     if opts.coco is not None:
         expected, json_classes = expected_from_coco(opts.coco)
@@ -201,29 +201,29 @@ def run_predict(cfg: Config, opts: PredictOptions, info: D.DistInfo) -> dict:
                 f"checkpoint {ck.path} predicts {ck.num_classes}"
             )
     predictor = Predictor(
-        model, info.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last, flip, scales
+        model, world.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last, flip, scales
     )
     if opts.images is not None:
         if out.resolve() == Path(opts.images).resolve():
             raise ValueError(f"--out {out} is the --images folder: predictions would overwrite .png inputs")
         names = list_folder(Path(opts.images), opts.coco, out)
         expected = names
-        items, n = folder_items(Path(opts.images), names, cfg, info.rank, info.world_size)
+        items, n = folder_items(Path(opts.images), names, cfg, world.rank, world.world_size)
     else:
         assert opts.shards is not None
         items, n = shard_items(
-            cfg, opts.shards, info.rank, info.world_size, predictor.divisor, predictor.min_size
+            cfg, opts.shards, world.rank, world.world_size, predictor.divisor, predictor.min_size
         )
-    quiet = opts.quiet or not info.is_main
+    quiet = opts.quiet or not world.is_main
     small = predict_items(predictor, items, n, cfg, dataclasses.replace(opts, quiet=quiet), ck.num_classes)
     total = sum(D.all_gather_object(n))
     problems: list[Problem] = []
     if opts.submission:
         problems = gather_submission(
-            opts.submission, small, expected, opts.submission_size, ck.num_classes, info
+            opts.submission, small, expected, opts.submission_size, ck.num_classes, world
         )
-    if info.is_main:
-        print(f"predicted {total} images on {info.world_size} process(es) into {out}")
+    if world.is_main:
+        print(f"predicted {total} images on {world.world_size} process(es) into {out}")
         if opts.submission:
             print(report(problems, opts.submission) if problems else f"wrote {opts.submission} (checked: OK)")
     return {"images": total, "submission": opts.submission, "problems": problems}
@@ -238,7 +238,7 @@ def gather_submission(
     expected: Sequence[str] | None,
     size: int,
     num_classes: int,
-    dist: D.DistInfo,
+    dist: D.World,
 ) -> list[Problem]:
     """Collective: every rank passes its (index, image_id, map) list; rank 0 writes the CSV in `expected`
     order (arrival order when None), validates the finished file and returns the problems (others: []).
@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dist-seg predict: error: {e}", file=sys.stderr)
         return 2
-    info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
+    world = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
     try:
-        result = run_predict(cfg, opts, info)
+        result = run_predict(cfg, opts, world)
     except ValueError as e:
         print(f"dist-seg predict: error: {e}", file=sys.stderr)
         return 2

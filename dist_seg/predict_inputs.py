@@ -86,10 +86,10 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 
 def folder_items(
-    root: Path, names: list[str], cfg: Config, rank: int, world: int
+    root: Path, names: list[str], cfg: Config, rank: int, world_size: int
 ) -> tuple[Iterator[Item], int]:
     """This rank's contiguous part of `names` (decoded by data.num_workers workers) and its length."""
-    a, b = rank * len(names) // world, (rank + 1) * len(names) // world
+    a, b = rank * len(names) // world_size, (rank + 1) * len(names) // world_size
     ds = _FolderDataset(root, names[a:b], cfg)
     loader = torch.utils.data.DataLoader(
         ds,
@@ -101,9 +101,9 @@ def folder_items(
 
 
 def shard_items(
-    cfg: Config, spec: str, rank: int, world: int, divisor: int, min_size: int
+    cfg: Config, spec: str, rank: int, world_size: int, divisor: int, min_size: int
 ) -> tuple[Iterator[Item], int]:
-    loader = build_eval_loader(cfg.data, rank, world, divisor, min_size, shards=spec)
+    loader = build_eval_loader(cfg.data, rank, world_size, divisor, min_size, shards=spec)
 
     def gen() -> Iterator[Item]:
         k = 0

@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if faults.active():
         warnings.warn(f"fault injection is ON: {', '.join(faults.active())}", stacklevel=1)
-    info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
+    world = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
     try:
         from dist_seg.engine import fit  # heavy imports after argument checks
 
-        metrics = fit(cfg, info)
-        if info.is_main and metrics:
+        metrics = fit(cfg, world)
+        if world.is_main and metrics:
             print(f"final val mIoU {metrics['miou']:.4f}")
             for name, iou in metrics["iou_by_class"].items():
                 print(f"  {name:<20} IoU {iou:.4f}")

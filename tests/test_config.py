@@ -46,6 +46,17 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+def test_removed_key_is_refused_saying_why_in_yaml_and_override(tmp_path: Path) -> None:
+    y = tmp_path / "old_run.yaml"
+    y.write_text("loss:\n  name: ce\n  ignore_index: 255\n")
+    with pytest.raises(
+        ValueError, match=r"config key loss.ignore_index in .*old_run.yaml: the ignore value is fixed"
+    ):
+        load_config(y)
+    with pytest.raises(ValueError, match=r"config key loss.ignore_index: .*delete it"):
+        load_config(None, ["loss.ignore_index=0"])
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     assert isinstance(load_config(path), Config)

@@ -11,14 +11,14 @@ from dist_seg import distributed as D
 def test_single_process_helpers_are_noops(monkeypatch) -> None:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
-    info = D.init_distributed("cpu")
-    assert (info.rank, info.world_size, info.backend, info.device.type) == (0, 1, None, "cpu")
+    world = D.init_distributed("cpu")
+    assert (world.rank, world.world_size, world.backend, world.device.type) == (0, 1, None, "cpu")
     t = torch.tensor([3.0])
     D.all_reduce_sum_(t)
-    assert t.item() == 3.0 and D.any_rank_flags([True, False], info.device) == [True, False]
+    assert t.item() == 3.0 and D.any_rank_flags([True, False], world.device) == [True, False]
     assert D.all_gather_object({"a": 1}) == [{"a": 1}]
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    assert D.prepare_model(model, info, sync_bn=True) is model  # no SyncBN, no DDP in one process
+    assert D.prepare_model(model, world, sync_bn=True) is model  # no SyncBN, no DDP in one process
 
 
 def test_cpu_syncbn_two_ranks_equal_batchnorm_on_full_batch() -> None:

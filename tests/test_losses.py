@@ -119,15 +119,13 @@ def test_build_loss_rejects_bad_settings():
 
 def test_load_class_weights(tmp_path):
     assert load_class_weights(None, None, 3) is None
-    manifest = {
-        "class_stats": [
-            {"index": 1, "name": "a", "pixels": 30, "images": 2, "image_pixels": 60},
-            {"index": 0, "name": "bg", "pixels": 10, "images": 3, "image_pixels": 100},
-            {"index": 2, "name": "b", "pixels": 5, "images": 1, "image_pixels": 50},
-        ]
-    }
+    class_stats = [
+        {"index": 1, "name": "a", "pixels": 30, "images": 2, "image_pixels": 60},
+        {"index": 0, "name": "bg", "pixels": 10, "images": 3, "image_pixels": 100},
+        {"index": 2, "name": "b", "pixels": 5, "images": 1, "image_pixels": 50},
+    ]
     # freq 0.1, 0.5, 0.1 -> median 0.1
-    assert load_class_weights("auto", manifest, 3).tolist() == pytest.approx([1.0, 0.2, 1.0])
+    assert load_class_weights("auto", class_stats, 3).tolist() == pytest.approx([1.0, 0.2, 1.0])
     with pytest.raises(ValueError, match="manifest"):
         load_class_weights("auto", None, 3)
 

@@ -2,4 +2,4 @@
 
 IGNORE_INDEX = 255
 """The label value of ignored pixels everywhere: in the shards, crop and eval padding, the loss and metrics.
-255 because masks are uint8 PNGs; config key loss.ignore_index must equal it."""
+255 because masks are uint8 PNGs; it is not configurable."""

@@ -73,6 +73,11 @@ def _one_source(part: str) -> tuple[str, dict[str, Any], dict[str, int]]:
             )
         directory = dirs.pop()
         manifest, names = read_manifest(directory), [os.path.basename(p) for p in paths]
+    if manifest.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
+        raise ValueError(
+            f"{os.path.join(directory, 'manifest.json')}: ignore_index {manifest['ignore_index']}, but label maps "
+            f"mark unlabelled pixels with {IGNORE_INDEX}"
+        )
     listed = {s["name"]: s for s in manifest["shards"]}
     counts: dict[str, int] = {}
     for name in names:
@@ -92,12 +97,34 @@ def _one_source(part: str) -> tuple[str, dict[str, Any], dict[str, int]]:
     return directory, manifest, counts
 
 
-def resolve_shards(spec: str) -> tuple[list[str], dict[str, Any]]:
-    """Shard paths (sorted) and merged manifest info of a directory, comma-joined directories or brace pattern.
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards a spec names, in sorted path order, and what their manifests say of them together."""
 
-    Info keys: total_samples, shard_samples {path: samples}, num_classes, classes, has_labels, ignore_index,
-    class_stats (summed over directories; None when a manifest has none), directories.
-    """
+    spec: str
+    shard_samples: dict[str, int]  # shard path -> samples, sorted by path
+    num_classes: int
+    classes: list[dict[str, Any]]  # the manifest's class list: index, name, coco_id
+    has_labels: bool
+    class_stats: list[dict[str, Any]] | None  # per-class pixel/image counts summed over directories
+    directories: list[str]
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.shard_samples)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(self.shard_samples.values())
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.classes]
+
+
+def resolve_shards(spec: str) -> ShardSet:
+    """The shards of a directory, comma-joined directories or a brace pattern, checked against their
+    manifests (every shard listed and present; every directory with the same classes and label kind)."""
     parts = _split_top_level(spec or "")
     if not parts:
         raise ValueError(f"empty shard spec {spec!r}: give a shard directory or a brace pattern")
@@ -131,31 +158,28 @@ def resolve_shards(spec: str) -> tuple[list[str], dict[str, Any]]:
         counts.update(c)
         dirs.append(directory)
     assert first is not None
-    paths = sorted(counts)
     m0 = first[1]
-    info = {
-        "total_samples": sum(counts.values()),
-        "shard_samples": {p: counts[p] for p in paths},
-        "num_classes": m0["num_classes"],
-        "classes": m0["classes"],
-        "has_labels": m0["has_labels"],
-        "ignore_index": m0.get("ignore_index", IGNORE_INDEX),
-        "class_stats": stats,
-        "directories": dirs,
-    }
-    return paths, info
+    return ShardSet(
+        spec=spec,
+        shard_samples={p: counts[p] for p in sorted(counts)},
+        num_classes=int(m0["num_classes"]),
+        classes=list(m0["classes"]),
+        has_labels=bool(m0["has_labels"]),
+        class_stats=stats,
+        directories=dirs,
+    )
 
 
-def dataset_classes(spec: str, num_classes: int | None) -> tuple[int, list[str], dict[str, Any]]:
-    """(num_classes, class names, merged shard description) of the shards `spec`; the one place a dataset's
-    classes are resolved. `num_classes` is config key model.num_classes: when set it must agree."""
-    _, shard_info = resolve_shards(spec)
-    n = num_classes or shard_info["num_classes"]
-    if n != shard_info["num_classes"]:
+def dataset_classes(spec: str, num_classes: int | None) -> ShardSet:
+    """The shards `spec`, resolved; the one place a dataset's classes are checked against the config.
+    `num_classes` is config key model.num_classes: when set it must agree with the shards."""
+    shard_set = resolve_shards(spec)
+    if num_classes is not None and num_classes != shard_set.num_classes:
         raise ValueError(
-            f"config key model.num_classes={n} but the shards {spec} have {shard_info['num_classes']} classes"
+            f"config key model.num_classes={num_classes} but the shards {spec} have "
+            f"{shard_set.num_classes} classes"
         )
-    return n, [c["name"] for c in shard_info["classes"]], shard_info
+    return shard_set
 
 
 # ---------------------------------------------------------------------------------------------- reading

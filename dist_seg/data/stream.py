@@ -60,6 +60,7 @@ from dist_seg.data.shards import (
     RawSample,
     Sample,
     ShardError,
+    ShardSet,
     decode_sample,
     read_pieces,
     resolve_shards,
@@ -116,9 +117,9 @@ class TrainBatch:
 
 
 class _TrainStream(IterableDataset):
-    def __init__(self, cfg: DataConfig, info: dict[str, Any], rank: int, seed: int, steps: int):
+    def __init__(self, cfg: DataConfig, shard_set: ShardSet, rank: int, seed: int, steps: int):
         super().__init__()
-        self.cfg, self.info, self.rank, self.seed, self.steps = cfg, info, rank, seed, steps
+        self.cfg, self.shard_set, self.rank, self.seed, self.steps = cfg, shard_set, rank, seed, steps
         self.transform = TrainTransform(cfg)
         # persistent workers keep their own copy of this object: epoch and prior skips reach them through
         # shared memory, set by TrainLoader before each pass
@@ -128,8 +129,8 @@ class _TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[TrainBatch]:
         worker, num_workers = _worker()
         epoch, b, crop = self.epoch.value, self.cfg.batch_size, self.cfg.crop_size
-        order = epoch_order(self.info["shard_samples"], self.seed, epoch, self.cfg.shuffle_shards)
-        offset = epoch_offset(self.info["total_samples"], self.seed, epoch, self.cfg.shuffle_shards)
+        order = epoch_order(self.shard_set.shard_samples, self.seed, epoch, self.cfg.shuffle_shards)
+        offset = epoch_offset(self.shard_set.total_samples, self.seed, epoch, self.cfg.shuffle_shards)
         pieces, n_batches = train_pieces(order, self.steps, b, self.rank, num_workers, worker, offset)
         rng = random.Random(derive_seed(TAG_AUG, self.seed, self.rank, worker, epoch))
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors, self.skipped_before.value)
@@ -171,7 +172,7 @@ class _TrainStream(IterableDataset):
 
     def _decode(self, raw: RawSample, errors: ErrorPolicy) -> Sample | None:
         try:
-            return decode_sample(raw, True, self.info["num_classes"])
+            return decode_sample(raw, True, self.shard_set.num_classes)
         except ShardError as e:
             errors.handle(e)
             return None
@@ -193,10 +194,8 @@ class TrainLoader:
     dropped (on_error=skip) over all passes so far.
     """
 
-    def __init__(
-        self, cfg: DataConfig, dataset: _TrainStream, shards: list[str], info: dict[str, Any], steps: int
-    ):
-        self.cfg, self.dataset, self.shards, self.info = cfg, dataset, shards, info
+    def __init__(self, cfg: DataConfig, dataset: _TrainStream, shard_set: ShardSet, steps: int):
+        self.cfg, self.dataset, self.shard_set = cfg, dataset, shard_set
         self.steps_per_epoch = steps
         self.epoch = 0
         self._skipped_before = 0
@@ -235,29 +234,29 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, epoch: int = 0) -> TrainLoader:
     if not cfg.train_shards:
         raise ValueError("config key data.train_shards is not set")
-    shards, info = resolve_shards(cfg.train_shards)
-    if not info["has_labels"]:
+    shard_set = resolve_shards(cfg.train_shards)
+    if not shard_set.has_labels:
         raise ValueError(
             f"data.train_shards={cfg.train_shards}: these shards have no label maps (a test split?)"
         )
     global_batch = cfg.batch_size * world_size
-    steps = info["total_samples"] // global_batch
+    steps = shard_set.total_samples // global_batch
     if steps < 1:
         raise ValueError(
-            f"data.train_shards={cfg.train_shards} holds {info['total_samples']} samples, fewer than one global "
+            f"data.train_shards={cfg.train_shards} holds {shard_set.total_samples} samples, fewer than one global "
             f"batch (data.batch_size={cfg.batch_size} x {world_size} ranks = {global_batch})"
         )
     readers = world_size * max(1, cfg.num_workers)
-    if rank == 0 and len(shards) < readers:
+    if rank == 0 and len(shard_set.paths) < readers:
         log.warning(
             "%d shard(s) for %d ranks x %d workers: readers share shards (sample-level split; each scans the "
             "headers of a shared shard). Convert with --min-shards %d for one shard per reader.",
-            len(shards),
+            len(shard_set.paths),
             world_size,
             max(1, cfg.num_workers),
             readers,
         )
-    loader = TrainLoader(cfg, _TrainStream(cfg, info, rank, seed, steps), shards, info, steps)
+    loader = TrainLoader(cfg, _TrainStream(cfg, shard_set, rank, seed, steps), shard_set, steps)
     loader.set_epoch(epoch)
     return loader
 
@@ -283,26 +282,26 @@ class _EvalStream(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
-        info: dict[str, Any],
+        shard_set: ShardSet,
         rank: int,
         world_size: int,
         size_divisor: int,
         min_size: int,
     ):
         super().__init__()
-        self.cfg, self.info, self.rank, self.world_size = cfg, info, rank, world_size
+        self.cfg, self.shard_set, self.rank, self.world_size = cfg, shard_set, rank, world_size
         self.size_divisor, self.min_size = size_divisor, min_size
         self.transform = EvalTransform(cfg)
 
     def __iter__(self) -> Iterator[EvalBatch]:
         worker, num_workers = _worker()
-        order = sorted(self.info["shard_samples"].items())
+        order = sorted(self.shard_set.shard_samples.items())
         pieces = eval_pieces(order, self.rank, self.world_size, num_workers, worker)
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors)
         batch: list[tuple[Sample, Tensor, Tensor | None]] = []
         for raw in read_pieces(pieces, errors):
             try:
-                s = decode_sample(raw, self.info["has_labels"], self.info["num_classes"])
+                s = decode_sample(raw, self.shard_set.has_labels, self.shard_set.num_classes)
             except ShardError as e:
                 errors.handle(e)
                 continue
@@ -316,7 +315,7 @@ class _EvalStream(IterableDataset):
     def _collate(
         self, batch: list[tuple[Sample, Tensor, Tensor | None]], skipped: int, worker: int
     ) -> EvalBatch:
-        masks = [m for _, _, m in batch if m is not None] if self.info["has_labels"] else None
+        masks = [m for _, _, m in batch if m is not None] if self.shard_set.has_labels else None
         images, masks_t = pad_batch([im for _, im, _ in batch], masks, self.size_divisor, self.min_size)
         return EvalBatch(
             images,
@@ -333,9 +332,9 @@ class _EvalStream(IterableDataset):
 class EvalLoader:
     """Each sample of the shards exactly once across ranks; ranks may get different numbers of batches."""
 
-    def __init__(self, cfg: DataConfig, dataset: _EvalStream, shards: list[str], info: dict[str, Any]):
-        self.shards, self.info = shards, info
-        n, r, w = info["total_samples"], dataset.rank, dataset.world_size
+    def __init__(self, cfg: DataConfig, dataset: _EvalStream, shard_set: ShardSet):
+        self.shard_set = shard_set
+        n, r, w = shard_set.total_samples, dataset.rank, dataset.world_size
         self.num_samples = (r + 1) * n // w - r * n // w  # on this rank
         self.max_errors = cfg.max_errors
         self._last_pass: dict[int, int] = {}
@@ -366,5 +365,5 @@ def build_eval_loader(
     spec = shards if shards is not None else cfg.val_shards
     if not spec:
         raise ValueError("config key data.val_shards is not set")
-    paths, info = resolve_shards(spec)
-    return EvalLoader(cfg, _EvalStream(cfg, info, rank, world_size, size_divisor, min_size), paths, info)
+    shard_set = resolve_shards(spec)
+    return EvalLoader(cfg, _EvalStream(cfg, shard_set, rank, world_size, size_divisor, min_size), shard_set)

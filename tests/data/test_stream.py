@@ -134,19 +134,21 @@ def epoch_keys(loader, epoch: int) -> tuple[int, list[str]]:
 
 # ---------------------------------------------------------------- shard lists
 def test_resolve_shards_forms(data: dict[str, Path]) -> None:
-    paths, info = resolve_shards(str(data["eval5"]))
-    assert [Path(p).name for p in paths] == [f"shard-{i:06d}.tar" for i in range(5)]
-    assert info["total_samples"] == 23 and list(info["shard_samples"].values()) == [5, 5, 5, 4, 4]
-    assert info["num_classes"] == 3 and info["has_labels"] and info["classes"][0]["index"] == 0
+    one = resolve_shards(str(data["eval5"]))
+    assert [Path(p).name for p in one.paths] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert one.total_samples == 23 and list(one.shard_samples.values()) == [5, 5, 5, 4, 4]
+    assert one.num_classes == 3 and one.has_labels and one.classes[0]["index"] == 0
+    assert one.class_names == [c["name"] for c in one.classes]
 
-    sub, sub_info = resolve_shards(f"{data['eval5']}/shard-{{000001..000003}}.tar")
-    assert [Path(p).name for p in sub] == ["shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
-    assert sub_info["total_samples"] == 14
+    sub = resolve_shards(f"{data['eval5']}/shard-{{000001..000003}}.tar")
+    assert [Path(p).name for p in sub.paths] == ["shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+    assert sub.total_samples == 14
 
-    both, both_info = resolve_shards(f"{data['u5']},{data['u19']}/")
-    assert both == sorted(both) and len(both) == 2 and both_info["total_samples"] == 24
-    pixels = [s["pixels"] for s in both_info["class_stats"]]
-    single = [resolve_shards(str(data[k]))[1]["class_stats"] for k in ("u5", "u19")]
+    both = resolve_shards(f"{data['u5']},{data['u19']}/")
+    assert both.paths == sorted(both.paths) and len(both.paths) == 2 and both.total_samples == 24
+    assert both.class_stats is not None
+    pixels = [s["pixels"] for s in both.class_stats]
+    single = [resolve_shards(str(data[k])).class_stats for k in ("u5", "u19")]
     assert pixels == [a["pixels"] + b["pixels"] for a, b in zip(*single, strict=True)]
 
 

@@ -8,20 +8,20 @@ from pathlib import Path
 
 from dist_seg import distributed as D
 from dist_seg.config import load_config
-from dist_seg.evaluate import run_evaluate
+from dist_seg.evaluate import evaluate_checkpoint
 from dist_seg.predict import PredictOptions, run_predict
 
 REPO = Path(__file__).resolve().parents[2]
 
 ckpt, shards, images, coco, out, *overrides = sys.argv[1:]
 cfg = load_config(REPO / "configs/cpu_small.yaml", overrides)
-info = D.init_distributed("cpu", timeout_s=120)
+world = D.init_distributed("cpu", timeout_s=120)
 try:
-    assert info.world_size == 2, info
-    run_evaluate(cfg, ckpt, info, Path(out) / "eval", shards)
+    assert world.world_size == 2, world
+    evaluate_checkpoint(cfg, ckpt, world, Path(out) / "eval", shards)
     opts = PredictOptions(ckpt, str(Path(out) / "pred"), images=images, coco=coco, quiet=True)
     opts.submission = str(Path(out) / "sub.csv")
-    result = run_predict(cfg, opts, info)
+    result = run_predict(cfg, opts, world)
     assert result["problems"] == [], result["problems"]
 finally:
     D.cleanup()

@@ -11,12 +11,12 @@ from dist_seg.config import OptimConfig
 from dist_seg.models import unwrap
 from dist_seg.optim import build_optimizer
 
-info = D.init_distributed("cpu", timeout_s=60)
+world = D.init_distributed("cpu", timeout_s=60)
 try:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
     model[0].bias.requires_grad_(False)  # a frozen parameter stays out of the optimizer
-    model = D.prepare_model(model, info, sync_bn=True, channels_last=True)
+    model = D.prepare_model(model, world, sync_bn=True, channels_last=True)
     opt, _ = build_optimizer(model, OptimConfig(name="sgd", lr=0.1))
     in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
@@ -27,7 +27,7 @@ try:
         "bn_in_optimizer": id(unwrap(model)[1].weight) in in_opt,
     }
     bad = [k for k, ok in checks.items() if not ok]
-    print(f"rank {info.rank}: {'OK' if not bad else 'MISMATCH ' + ','.join(bad)}", flush=True)
+    print(f"rank {world.rank}: {'OK' if not bad else 'MISMATCH ' + ','.join(bad)}", flush=True)
     sys.exit(1 if bad else 0)
 finally:
     D.cleanup()

@@ -89,12 +89,12 @@ def run_case(
     return bad
 
 
-info = D.init_distributed("cpu", timeout_s=60)
+world = D.init_distributed("cpu", timeout_s=60)
 try:
     failures = []
     for case in CASES:
         failures += [f"{case[0]}:{w}" for w in run_case(*case)]
-    print(f"rank {info.rank}: {'OK' if not failures else 'MISMATCH ' + ','.join(failures)}", flush=True)
+    print(f"rank {world.rank}: {'OK' if not failures else 'MISMATCH ' + ','.join(failures)}", flush=True)
     sys.exit(1 if failures else 0)
 finally:
     D.cleanup()

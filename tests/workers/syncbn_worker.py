@@ -9,7 +9,7 @@ from torch import nn
 
 from dist_seg import distributed as D
 
-info = D.init_distributed("cpu", timeout_s=60)
+world = D.init_distributed("cpu", timeout_s=60)
 try:
     torch.manual_seed(0)
     full = torch.randn(6, 3, 5, 4, dtype=torch.float64).float() * 3 + 1
@@ -22,10 +22,10 @@ try:
     y_ref = ref(x_ref)
     y_ref.backward(gout)
 
-    bn = D.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3, momentum=0.3)), info.device)[0]
+    bn = D.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3, momentum=0.3)), world.device)[0]
     assert isinstance(bn, D.CpuSyncBatchNorm)
     bn.weight.data.copy_(weight), bn.bias.data.copy_(bias)
-    part = slice(3 * info.rank, 3 * info.rank + 3)
+    part = slice(3 * world.rank, 3 * world.rank + 3)
     x = full[part].clone().requires_grad_(True)
     y = bn(x)
     y.backward(gout[part])
@@ -41,7 +41,7 @@ try:
         "running_var": torch.allclose(bn.running_var, ref.running_var, atol=1e-5),
     }
     bad = [k for k, ok in checks.items() if not ok]
-    print(f"rank {info.rank}: {'OK' if not bad else 'MISMATCH ' + ','.join(bad)}", flush=True)
+    print(f"rank {world.rank}: {'OK' if not bad else 'MISMATCH ' + ','.join(bad)}", flush=True)
     sys.exit(1 if bad else 0)
 finally:
     D.cleanup()
