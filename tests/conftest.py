@@ -81,3 +81,11 @@ def reference_mask(seg: list | dict, h: int, w: int) -> np.ndarray:
     else:
         rle = seg
     return mask_utils.decode(rle).astype(bool)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tests/tiny_shards.py's shard directories, built once per session."""
+    from tiny_shards import build_tiny_datasets
+
+    return build_tiny_datasets(tmp_path_factory.mktemp("tiny_shards"))

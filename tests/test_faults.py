@@ -24,11 +24,6 @@ from conftest import read_shards
 from launch_utils import REPO, torchrun
 
 from dist_seg.checkpoint import load_checkpoint, save_checkpoint
-from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig
-from dist_seg.engine import StepContext, train_step
-from dist_seg.losses import build_loss
-from dist_seg.models import build_model
-from dist_seg.optim import build_optimizer, build_scheduler
 from dist_seg.tb import read_scalars
 
 # A fast model: the machinery is under test here, not the architecture.
@@ -92,78 +87,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(trash_shards, tm
     assert not list(out.glob(".*.tmp"))
 
 
-# ---------------------------------------------------------------- 4: non-finite losses
-def _tiny_ctx(amp: str) -> StepContext:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="fcn8s", width_mult=0.0625), 3)
-    opt, _ = build_optimizer(model, OptimConfig(name="sgd", lr=0.1))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if amp == "fp16" else None
-    return StepContext(
-        model,
-        opt,
-        build_scheduler(opt, SchedConfig(name="constant"), 10),
-        scaler,
-        build_loss(LossConfig(), 3),
-        torch.device("cpu"),
-        dtype,
-        None,
-        False,
-        3,
-        [p for p in model.parameters()],
-    )
-
-
-@pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
-def test_nonfinite_loss_skips_the_step(amp: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx = _tiny_ctx(amp)
-    batch = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))]
-    train_step(ctx, batch, 1)
-    before = {k: v.clone() for k, v in ctx.model.state_dict().items() if v.is_floating_point()}
-    scale = ctx.scaler.get_scale() if ctx.scaler else None
-    monkeypatch.setenv("DIST_SEG_FAULT_NAN_AT_STEP", "2")
-    out = train_step(ctx, batch, 2)
-    assert out.skipped
-    after = ctx.model.state_dict()
-    # BN running statistics see the batch in forward; every trained weight must be unchanged
-    for k, v in before.items():
-        if "running" not in k:
-            assert torch.equal(after[k], v), k
-    if ctx.scaler is not None:
-        assert ctx.scaler.get_scale() == scale * 0.5
-    assert not train_step(ctx, batch, 3).skipped  # and training goes on
-
-
-def test_skipped_fp16_step_moves_the_scale_like_native_gradscaler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """good / inf / good with growth_interval=2: native GradScaler gives 1024, 512, 512 (an inf restarts the
-    growth count); the engine's cross-rank skip must do the same, not climb back to 1024 at once."""
-    batch = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))]
-    ctx = _tiny_ctx("fp16")
-    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    engine_scales = []
-    for step in (1, 2, 3):
-        if step == 2:
-            monkeypatch.setenv("DIST_SEG_FAULT_NAN_AT_STEP", "2")
-        engine_scales.append(train_step(ctx, batch, step).loss_scale)
-        monkeypatch.delenv("DIST_SEG_FAULT_NAN_AT_STEP", raising=False)
-
-    native = _tiny_ctx("off")
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    native_scales = []
-    for step in (1, 2, 3):
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = native.loss_fn(native.model(batch[0][0]), batch[0][1])
-        scaler.scale(loss).backward()
-        if step == 2:
-            next(native.model.parameters()).grad.fill_(float("inf"))
-        scaler.step(native.optimizer)
-        scaler.update()
-        native.optimizer.zero_grad(set_to_none=True)
-        native_scales.append(scaler.get_scale())
-    assert native_scales == [1024.0, 512.0, 512.0]
-    assert engine_scales == native_scales
-
-
+# ---------------------------------------------------------------- 4: non-finite losses (train_step: tests/test_engine.py)
 @pytest.mark.slow
 def test_repeated_nonfinite_on_one_rank_stops_every_rank(trash_shards, tmp_path: Path) -> None:
     r = torchrun(

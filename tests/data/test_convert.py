@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from coco_fixtures import good_coco, jpeg, run_convert
 from conftest import decode_png, read_shards, reference_mask, shared_dataset
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -135,153 +136,26 @@ def test_trashcan_val_converts_with_defaults(tmp_path: Path) -> None:
     assert read_manifest(out)["total_samples"] == 60
 
 
-# ---------------------------------------------------------------- hand-built fixtures
-def _jpeg(
-    path: Path,
-    w: int = 40,
-    h: int = 30,
-    mode: str = "RGB",
-    fmt: str = "JPEG",
-    exif_orientation: int | None = None,
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(path.name))
-    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    img = Image.fromarray(arr).convert(mode)
-    kw = {}
-    if exif_orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        kw["exif"] = exif.tobytes()
-    img.save(path, format=fmt, **kw)
-
-
-def _square(x: int, y: int, s: int) -> list[float]:
-    return [x, y, x + s, y, x + s, y + s, x, y + s]
-
-
-def _good_coco(img_dir: Path, n: int = 4) -> dict:
-    images, anns = [], []
-    for i in range(1, n + 1):
-        _jpeg(img_dir / f"sub/{i}.jpg")
-        images.append({"id": i, "file_name": f"sub/{i}.jpg", "width": 40, "height": 30})
-        anns.append(
-            {"id": 10 * i, "image_id": i, "category_id": 7, "segmentation": [_square(2, 2, 20)], "iscrowd": 0}
-        )
-        anns.append(
-            {
-                "id": 10 * i + 1,
-                "image_id": i,
-                "category_id": 3,
-                "segmentation": [_square(5, 5, 6)],
-                "iscrowd": 0,
-            }
-        )
-    cats = [{"id": 3, "name": "bottle"}, {"id": 7, "name": "bag"}]
-    return {"images": images, "annotations": anns, "categories": cats}
-
-
-def _run(tmp_path: Path, coco: dict, **kw) -> tuple[dict, str]:
-    ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps(coco))
-    args = [
-        sys.executable,
-        "-m",
-        "dist_seg.data.convert",
-        "--coco",
-        str(ann),
-        "--images",
-        str(tmp_path / "img"),
-        "--out",
-        str(tmp_path / "out"),
-        "--quiet",
-    ]
-    for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    r = subprocess.run(args, capture_output=True, text=True)
-    if r.returncode != 0:
-        return {}, r.stderr
-    return read_manifest(tmp_path / "out"), r.stderr + r.stdout
-
-
+# ---------------------------------------------------------------- hand-built datasets (tests/coco_fixtures.py)
 def test_area_policy_keeps_small_object_inside_large_one(tmp_path: Path) -> None:
-    m, _ = _run(tmp_path, _good_coco(tmp_path / "img"))
+    m, _ = run_convert(tmp_path, good_coco(tmp_path / "img"))
     label = decode_png(read_shards(tmp_path / "out")["000000000001"]["seg.png"])
     # classes: 0 background, 1 bottle (id 3), 2 bag (id 7); the bottle lies inside the bag
     assert label[8, 8] == 1 and label[3, 3] == 2 and label[28, 38] == 0
     assert m["overlap"]["pixels_multi_class"] == 4 * 36 and m["overlap"]["images_with_overlap"] == 4
 
 
-BAD_CASES = {
-    # reason: (mutation of a good json and its files, text the message must contain)
-    "missing_image_file": (lambda c, d: (d / "sub/2.jpg").unlink(), "sub/2.jpg"),
-    "unreadable_image": (
-        lambda c, d: (d / "sub/2.jpg").write_bytes((d / "sub/2.jpg").read_bytes()[:200]),
-        "id=2",
-    ),
-    "size_mismatch": (lambda c, d: c["images"][1].update(width=41), "id=2"),
-    "unknown_category": (lambda c, d: c["annotations"][2].update(category_id=99), "id=20"),
-    "missing_image_id": (lambda c, d: c["annotations"][2].update(image_id=77), "image_id=77"),
-    "empty_segmentation": (lambda c, d: c["annotations"][2].update(segmentation=[]), "id=20"),
-    "bad_polygon": (lambda c, d: c["annotations"][2].update(segmentation=[[1, 1, 9, 9]]), "id=20"),
-    "rle_size_mismatch": (
-        lambda c, d: c["annotations"][2].update(segmentation={"size": [10, 10], "counts": [0, 100]}),
-        "id=20",
-    ),
-    "duplicate_image_id": (lambda c, d: c["images"][1].update(id=1), "id=1"),
-    "duplicate_annotation_id": (lambda c, d: c["annotations"][2].update(id=10), "id=10"),
-    "bad_key": (lambda c, d: c["images"][1].update(id="../2.x"), "'../2.x'"),
-    "bad_rle": (
-        lambda c, d: c["annotations"][2].update(segmentation={"size": [30, 40], "counts": "0"}),
-        "id=20",
-    ),
-    "bad_annotation_entry": (lambda c, d: c["annotations"][2].update(image_id=[2]), "annotations[2]"),
-}
-
-
-@pytest.mark.parametrize("reason", sorted(BAD_CASES))
-def test_bad_input_is_named_counted_and_skipped(reason: str, tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img")
-    mutate, culprit = BAD_CASES[reason]
-    mutate(coco, tmp_path / "img")
-    m, log = _run(tmp_path, coco)
-    assert m["dropped"].get(reason) == 1, (m["dropped"], log)
-    assert f"[{reason}]" in log and culprit in log, log
-    assert f"{reason}=1" in log  # the final summary line counts it
-    # --strict stops at it, naming it
-    m2, err = _run(tmp_path, coco, strict=True)
-    assert m2 == {} and f"[{reason}]" in err and culprit in err, err
-
-
-def test_odd_polygon_part_dropped_rest_kept(tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img")
-    coco["annotations"][0]["segmentation"] = [_square(2, 2, 20), [1, 2, 3, 4, 5, 6, 7]]
-    m, log = _run(tmp_path, coco)
-    assert m["dropped"] == {"bad_polygon": 1} and m["counts"]["annotations_used"] == 8
-
-
-def test_invalid_and_non_coco_json_name_the_file(tmp_path: Path) -> None:
-    (tmp_path / "img").mkdir()
-    ann = tmp_path / "ann.json"
-    ann.write_text("{not json")
-    with pytest.raises(ValueError, match="ann.json is not valid json"):
-        convert(ConvertOptions(str(ann), str(tmp_path / "img"), str(tmp_path / "o"), progress=False))
-    ann.write_text(json.dumps({"info": {}, "annotations": []}))
-    with pytest.raises(ValueError, match="ann.json is not a COCO instances json: 'images'"):
-        convert(ConvertOptions(str(ann), str(tmp_path / "img"), str(tmp_path / "o"), progress=False))
-
-
 def test_colour_modes_and_exif_become_rgb(tmp_path: Path) -> None:
     d = tmp_path / "img"
-    coco = _good_coco(d, n=5)
-    _jpeg(d / "sub/1.jpg", mode="L")
-    _jpeg(d / "sub/2.jpg", mode="CMYK")
-    _jpeg(d / "sub/3.png", mode="P", fmt="PNG")
-    _jpeg(d / "sub/4.png", mode="RGBA", fmt="PNG")
-    _jpeg(d / "sub/5.jpg", w=30, h=40, exif_orientation=6)  # stored 30x40, displayed 40x30
+    coco = good_coco(d, n=5)
+    jpeg(d / "sub/1.jpg", mode="L")
+    jpeg(d / "sub/2.jpg", mode="CMYK")
+    jpeg(d / "sub/3.png", mode="P", fmt="PNG")
+    jpeg(d / "sub/4.png", mode="RGBA", fmt="PNG")
+    jpeg(d / "sub/5.jpg", w=30, h=40, exif_orientation=6)  # stored 30x40, displayed 40x30
     for i in (3, 4):
         coco["images"][i - 1]["file_name"] = f"sub/{i}.png"
-    m, log = _run(tmp_path, coco)
+    m, log = run_convert(tmp_path, coco)
     assert m["dropped"] == {} and m["total_samples"] == 5, log
     assert m["repaired"] == {
         "converted_CMYK_to_RGB": 1,
@@ -298,7 +172,7 @@ def test_colour_modes_and_exif_become_rgb(tmp_path: Path) -> None:
 
 
 def test_original_jpeg_bytes_kept(tmp_path: Path) -> None:
-    _run(tmp_path, _good_coco(tmp_path / "img"))
+    run_convert(tmp_path, good_coco(tmp_path / "img"))
     s = read_shards(tmp_path / "out")["000000000003"]
     assert s["jpg"] == (tmp_path / "img/sub/3.jpg").read_bytes()
     assert json.loads(s["json"])["actions"] == ["kept_original"]
@@ -323,29 +197,29 @@ def test_deterministic_and_independent_of_workers(tmp_path: Path) -> None:
 
 
 def test_test_split_is_image_only(tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img")
+    coco = good_coco(tmp_path / "img")
     del coco["annotations"]
-    m, _ = _run(tmp_path, coco)
+    m, _ = run_convert(tmp_path, coco)
     assert m["has_labels"] is False and "class_stats" not in m
     for s in read_shards(tmp_path / "out").values():
         assert set(s) == {"jpg", "json"}
 
 
 def test_classes_subset(tmp_path: Path) -> None:
-    m, _ = _run(tmp_path, _good_coco(tmp_path / "img"), classes="bag")
+    m, _ = run_convert(tmp_path, good_coco(tmp_path / "img"), classes="bag")
     assert [c["name"] for c in m["classes"]] == ["background", "bag"]
     assert m["remapped"] == {"class_not_selected": 4}
     label = decode_png(read_shards(tmp_path / "out")["000000000001"]["seg.png"])
     assert label[8, 8] == 1 and set(np.unique(label)) == {0, 1}
-    _, err = _run(tmp_path, _good_coco(tmp_path / "img"), classes="bag,cup")
+    _, err = run_convert(tmp_path, good_coco(tmp_path / "img"), classes="bag,cup")
     assert "unknown class name(s) ['cup']" in err
 
 
 def test_min_shards_and_crowd_policies(tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img")
-    m, _ = _run(tmp_path, coco, min_shards=3)
+    coco = good_coco(tmp_path / "img")
+    m, _ = run_convert(tmp_path, coco, min_shards=3)
     assert [s["samples"] for s in m["shards"]] == [2, 1, 1]
-    _, err = _run(tmp_path, coco, min_shards=5)
+    _, err = run_convert(tmp_path, coco, min_shards=5)
     assert "--min-shards 5" in err
     rle = mask_utils.encode(np.asfortranarray(np.pad(np.ones((8, 8), np.uint8), ((20, 2), (30, 2)))))
     crowd = {
@@ -357,69 +231,6 @@ def test_min_shards_and_crowd_policies(tmp_path: Path) -> None:
     }
     coco["annotations"].append(crowd)
     for policy, value in (("include", 1), ("ignore", 255), ("skip", 0)):
-        _run(tmp_path, coco, crowd=policy)
+        run_convert(tmp_path, coco, crowd=policy)
         label = decode_png(read_shards(tmp_path / "out")["000000000001"]["seg.png"])
         assert label[25, 35] == value, policy
-
-
-# ---------------------------------------------------------------- fault drills (issue 9, cases 8 and 10)
-@pytest.mark.parametrize("bad_id", ["a/b", "..", ".", "x.y", "../etc"])
-def test_converter_rejects_unsafe_keys(bad_id: str, tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img")
-    coco["images"][1]["id"] = bad_id
-    m, log = _run(tmp_path, coco)
-    assert m["dropped"]["bad_key"] == 1 and repr(bad_id) in log
-    assert all("/" not in k and "." not in k for k in read_shards(tmp_path / "out"))
-
-
-def test_converter_survives_every_bad_input_at_once_and_reruns_identically(tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img", n=12)
-    img = tmp_path / "img"
-    (img / "sub/2.jpg").unlink()
-    (img / "sub/3.jpg").write_bytes((img / "sub/3.jpg").read_bytes()[:200])
-    coco["images"][3]["width"] = 41
-    anns = {a["id"]: a for a in coco["annotations"]}
-    anns[50]["category_id"] = 99
-    anns[60]["image_id"] = 777
-    anns[70]["segmentation"] = []
-    anns[80]["segmentation"] = [[1, 1, 9, 9]]
-    anns[90]["segmentation"] = {"size": [10, 10], "counts": [0, 100]}
-    coco["images"][9]["id"] = 1
-    anns[111]["id"] = 110
-    coco["images"][11]["id"] = "a/b"
-    first, log = _run(tmp_path, coco)
-    want = {
-        "missing_image_file",
-        "unreadable_image",
-        "size_mismatch",
-        "unknown_category",
-        "missing_image_id",
-        "empty_segmentation",
-        "bad_polygon",
-        "rle_size_mismatch",
-        "duplicate_image_id",
-        "duplicate_annotation_id",
-        "bad_key",
-    }
-    assert want <= set(first["dropped"]), (first["dropped"], log)
-    assert first["total_samples"] == 12 - 5  # missing, unreadable, size mismatch, duplicate id, bad key
-    files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    _run(tmp_path, coco)
-    assert files == {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-
-
-def test_rle_runs_must_cover_the_image_and_iscrowd_is_parsed(tmp_path: Path) -> None:
-    coco = _good_coco(tmp_path / "img")
-    long_rle = mask_utils.encode(np.asfortranarray(np.ones((31, 40), np.uint8)))["counts"].decode()
-    coco["annotations"][2]["segmentation"] = {
-        "size": [30, 40],
-        "counts": long_rle,
-    }  # 31x40 runs in a 30x40 box
-    coco["annotations"][4]["iscrowd"] = "0"  # a string flag: not crowd
-    coco["annotations"][6]["iscrowd"] = "yes"
-    coco["annotations"][7]["category_id"] = [3]
-    m, log = _run(tmp_path, coco, crowd="ignore")
-    assert m["dropped"] == {"bad_rle": 1, "bad_annotation_entry": 1, "unknown_category": 1}, log
-    assert "compressed RLE counts sum to 1240, not height*width=1200" in log
-    label = decode_png(read_shards(tmp_path / "out")["000000000003"]["seg.png"])
-    assert label[3, 3] == 2  # image 3's bag (annotation 30, iscrowd "0") is painted, not ignored
