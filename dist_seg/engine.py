@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,45 +23,13 @@ from dist_seg.config import Config, save_config, to_yaml
 from dist_seg.data.shards import ShardSet, dataset_classes
 from dist_seg.data.stream import TrainLoader, build_eval_loader, build_train_loader
 from dist_seg.data.transforms import padded_size
+from dist_seg.loop import Plan, TrainState
 from dist_seg.losses import build_loss, load_class_weights
 from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import build_model, input_constraints, pretrained_summary, unwrap
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.precision import AMP_DTYPES, autocast
 from dist_seg.tb import TBLogger
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epoch in progress
-    batch_in_epoch: int = 0  # loader batches of this epoch already consumed
-    best_miou: float = -1.0
-    nonfinite_streak: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def record_step(self, out: StepOutput, grad_accum: int, max_nonfinite: int) -> None:
-        """Count one optimizer step; RuntimeError after max_nonfinite non-finite losses in a row (every rank
-        sees the same flags, so every rank stops at the same step)."""
-        self.step += 1
-        self.batch_in_epoch += grad_accum
-        # a GradScaler overflow while fp16 tunes its scale is routine: only non-finite losses count
-        self.nonfinite_streak = self.nonfinite_streak + 1 if out.nonfinite_loss else 0
-        if self.nonfinite_streak >= max_nonfinite:
-            raise RuntimeError(
-                f"non-finite loss or gradients at step {self.step}: {self.nonfinite_streak} consecutive "
-                f"steps skipped (train.max_nonfinite={max_nonfinite}); stopping on every rank"
-            )
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            setattr(self, k, v)
 
 
 @dataclass
@@ -86,40 +54,6 @@ class StepOutput:
     skipped: bool  # no optimizer update this step (non-finite loss or gradients on some rank)
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """When the loop logs, evaluates and saves: each decision in one predicate."""
-
-    steps_per_epoch: int
-    total_steps: int
-    grad_accum: int
-    log_every: int
-    eval_every: int | None  # None: at the end of every epoch
-    save_every: int | None
-
-    @classmethod
-    def from_config(cls, cfg: Config, steps_per_epoch: int, total_steps: int) -> Plan:
-        t = cfg.train
-        return cls(steps_per_epoch, total_steps, t.grad_accum, t.log_every, t.eval_every, t.save_every)
-
-    def epoch_done(self, state: TrainState) -> bool:
-        return state.batch_in_epoch >= self.steps_per_epoch * self.grad_accum
-
-    def should_log(self, step: int) -> bool:
-        return step % self.log_every == 0 or step == self.total_steps
-
-    def should_evaluate(self, step: int, epoch_done: bool) -> bool:
-        return bool(
-            (self.eval_every and step % self.eval_every == 0)
-            or (self.eval_every is None and epoch_done)
-            or step == self.total_steps
-        )
-
-    def should_save(self, step: int, epoch_done: bool, evaluated: bool) -> bool:
-        # after every evaluation (so best.pt is the evaluated weights) and at every epoch end
-        return bool(epoch_done or evaluated or (self.save_every and step % self.save_every == 0))
 
 
 def iter_epoch(loader: Any, state: TrainState) -> Any:
@@ -306,17 +240,26 @@ def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoa
     return ctx, shard_set, loader, Plan.from_config(cfg, steps_per_epoch, total_steps)
 
 
-def fit(cfg: Config, world: D.World) -> dict[str, Any]:
-    """Train as configured; returns the last evaluation's metrics."""
+def _open_run(
+    cfg: Config, world: D.World, ctx: StepContext, shard_set: ShardSet, plan: Plan
+) -> tuple[TrainState, CheckpointManager, TBLogger]:
+    """Resume from the agreed checkpoint (or start at step 0), write the run directory's config.yaml, and open
+    TensorBoard (past a resumed step, its events are purged so curves do not double back)."""
     out = Path(cfg.train.out_dir)
-    ctx, shard_set, loader, plan = _build(cfg, world)
-    num_classes, names, total_steps = shard_set.num_classes, shard_set.class_names, plan.total_steps
     ckpts = CheckpointManager(out, cfg.train.keep_last)
+    ckpts.before_rename = faults.before_checkpoint_rename
     state = TrainState()
     resume = _agree_on_resume(ckpts, cfg, world)
     if resume is not None:
         saved = restore_training(
-            resume, cfg, num_classes, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, world.rank
+            resume,
+            cfg,
+            shard_set.num_classes,
+            ctx.model,
+            ctx.optimizer,
+            ctx.scheduler,
+            ctx.scaler,
+            world.rank,
         )
         state.load_state_dict(saved)
         _log(world, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
@@ -329,14 +272,21 @@ def fit(cfg: Config, world: D.World) -> dict[str, Any]:
         out / "tb", enabled=world.is_main, purge_step=state.step + 1 if resume is not None else None
     )
     tb.text("config", to_yaml(cfg), preformatted=True)
+    global_batch = cfg.data.batch_size * world.world_size * cfg.train.grad_accum
     _log(
         world,
         f"{world.world_size} process(es) on {world.device}; {shard_set.total_samples} training samples; "
-        f"{plan.steps_per_epoch} steps/epoch x global batch {cfg.data.batch_size * world.world_size * cfg.train.grad_accum}; "
-        f"{total_steps} steps",
+        f"{plan.steps_per_epoch} steps/epoch x global batch {global_batch}; {plan.total_steps} steps",
     )
+    return state, ckpts, tb
+
+
+def fit(cfg: Config, world: D.World) -> dict[str, Any]:
+    """Train as configured; returns the last evaluation's metrics."""
+    ctx, shard_set, loader, plan = _build(cfg, world)
+    num_classes, names, total_steps = shard_set.num_classes, shard_set.class_names, plan.total_steps
+    state, ckpts, tb = _open_run(cfg, world, ctx, shard_set, plan)
     progress = monitor.Progress(cfg, world, tb, total_steps, state.step)
-    ckpts.before_rename = faults.before_checkpoint_rename
     metrics: dict[str, Any] = {}
     while state.step < total_steps:
         it = iter_epoch(loader, state)

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,19 +14,10 @@ import torch
 from dist_seg import distributed as D
 from dist_seg.config import Config
 from dist_seg.data.transforms import denormalize
+from dist_seg.loop import StepResult
 from dist_seg.metrics import to_jsonable
 from dist_seg.tb import TBLogger
 from dist_seg.viz import class_palette
-
-
-class StepResult(Protocol):
-    """What the monitor reads of one optimizer step (engine.StepOutput; typed here so that the monitor need not
-    import the engine, which imports the monitor)."""
-
-    loss: float
-    grad_norm: float
-    skipped: bool
-    loss_scale: float
 
 
 class Window:

@@ -1,5 +1,6 @@
-"""engine: the loop's decisions (Plan) and step bookkeeping (TrainState) without a training run; train_step's
-handling of non-finite steps against native GradScaler; compute_confusion's independence of the batching."""
+"""engine and loop: the loop's decisions (loop.Plan) and step bookkeeping (loop.TrainState) without a
+training run; train_step's handling of non-finite steps against native GradScaler; compute_confusion's
+independence of the batching."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from conftest import shared_dataset
 from dist_seg.config import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.data.stream import build_eval_loader
-from dist_seg.engine import Plan, StepContext, StepOutput, TrainState, compute_confusion, train_step
+from dist_seg.engine import StepContext, StepOutput, compute_confusion, train_step
+from dist_seg.loop import Plan, TrainState
 from dist_seg.losses import build_loss
 from dist_seg.models import build_model, input_constraints
 from dist_seg.optim import build_optimizer, build_scheduler
