@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import tarfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +196,7 @@ class RawSample:
     shard: str
     key: str
     members: dict[str, bytes]  # extension ("jpg", "seg.png", "json") -> bytes; only READ_EXTS
+    index: int = -1  # position of the sample in its shard (tar order)
 
 
 def read_samples(shard: str, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
@@ -216,7 +216,7 @@ def read_samples(shard: str, start: int = 0, stop: int | None = None) -> Iterato
                 k = f"{head}/{stem}" if head else stem
                 if k != key:
                     if key is not None and index >= start:
-                        yield RawSample(shard, key, members)
+                        yield RawSample(shard, key, members, index)
                     index, key, members = index + 1, k, {}
                     if stop is not None and index >= stop:
                         return
@@ -225,7 +225,7 @@ def read_samples(shard: str, start: int = 0, stop: int | None = None) -> Iterato
                     assert f is not None
                     members[ext.lower()] = f.read()
             if key is not None and index >= start:
-                yield RawSample(shard, key, members)
+                yield RawSample(shard, key, members, index)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"shard {shard}: damaged tar at sample {key!r} (#{index}): {e}", shard, key) from e
     if stop is not None and index + 1 < stop:
@@ -321,19 +321,3 @@ def read_pieces(pieces: list[Piece], errors: ErrorPolicy) -> Iterator[RawSample]
                 yield raw
         except ShardError as e:
             errors.handle(e, lost=max(1, p.stop - p.start - n))
-
-
-def shuffle_buffer(items: Iterable[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
-    """Classic streaming shuffle: hold `size` samples, emit a random one as each new one arrives."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[RawSample] = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf

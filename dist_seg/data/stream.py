@@ -48,11 +48,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_seg.config import DataConfig
 from dist_seg.data.plan import (
     TAG_AUG,
+    TAG_REFILL,
+    Geometry,
+    cut_runs,
     derive_seed,
-    epoch_offset,
-    epoch_order,
+    emission,
+    emitted_before,
     eval_pieces,
-    train_pieces,
+    id_base,
+    piece_ids,
+    reader_batches,
+    runs_to_ids,
+    segment_steps,
+    sequence,
+    span,
 )
 from dist_seg.data.shards import (
     ErrorPolicy,
@@ -64,7 +73,6 @@ from dist_seg.data.shards import (
     decode_sample,
     read_pieces,
     resolve_shards,
-    shuffle_buffer,
 )
 from dist_seg.data.transforms import EvalTransform, TrainTransform, pad_batch
 
@@ -74,6 +82,7 @@ __all__ = [
     "build_train_loader",
     "build_eval_loader",
     "TrainLoader",
+    "DataPosition",
     "EvalLoader",
     "TrainBatch",
     "EvalBatch",
@@ -116,59 +125,111 @@ class TrainBatch:
         return dataclasses.replace(self, images=self.images.pin_memory(), masks=self.masks.pin_memory())
 
 
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a training pass starts: epoch, segment (0 unless a resume re-planned the epoch), the ids earlier
+    segments of the epoch used (as [start, stop) runs), and the batches this segment has already yielded on
+    every rank. The training state keeps it, so a resume continues the same data order without re-reading."""
+
+    epoch: int = 0
+    segment: int = 0
+    consumed: tuple[tuple[int, int], ...] = ()
+    start_batch: int = 0
+
+
 class _TrainStream(IterableDataset):
-    def __init__(self, cfg: DataConfig, shard_set: ShardSet, rank: int, seed: int, steps: int):
+    def __init__(self, cfg: DataConfig, shard_set: ShardSet, rank: int, seed: int, world_size: int):
         super().__init__()
-        self.cfg, self.shard_set, self.rank, self.seed, self.steps = cfg, shard_set, rank, seed, steps
+        self.cfg, self.shard_set, self.rank, self.seed = cfg, shard_set, rank, seed
+        self.geometry = Geometry(
+            world_size, cfg.batch_size, max(1, cfg.num_workers), max(1, cfg.shuffle_buffer)
+        )
         self.transform = TrainTransform(cfg)
-        # persistent workers keep their own copy of this object: epoch and prior skips reach them through
-        # shared memory, set by TrainLoader before each pass
+        self.base = id_base(shard_set.shard_samples)
+        # persistent workers keep their own copy of this object: the position and prior skips reach them
+        # through shared memory, set by TrainLoader before each pass (the consumed ids of a re-planned
+        # segment travel in the object itself: TrainLoader starts fresh workers when they change)
         self.epoch = multiprocessing.RawValue("q", 0)
+        self.segment = multiprocessing.RawValue("q", 0)
+        self.start_batch = multiprocessing.RawValue("q", 0)
         self.skipped_before = multiprocessing.RawValue("q", 0)
+        self.consumed: set[int] = set()
+
+    def runs(self, epoch: int) -> list[Piece]:
+        shuffle = self.cfg.shuffle_shards
+        return sequence(self.shard_set.shard_samples, self.seed, epoch, shuffle, self.consumed)
+
+    def steps(self) -> int:
+        """Batches per rank of the current segment."""
+        left = self.shard_set.total_samples - len(self.consumed)
+        return segment_steps(left, self.geometry.batch_size, self.geometry.world_size)
 
     def __iter__(self) -> Iterator[TrainBatch]:
         worker, num_workers = _worker()
-        epoch, b, crop = self.epoch.value, self.cfg.batch_size, self.cfg.crop_size
-        order = epoch_order(self.shard_set.shard_samples, self.seed, epoch, self.cfg.shuffle_shards)
-        offset = epoch_offset(self.shard_set.total_samples, self.seed, epoch, self.cfg.shuffle_shards)
-        pieces, n_batches = train_pieces(order, self.steps, b, self.rank, num_workers, worker, offset)
-        rng = random.Random(derive_seed(TAG_AUG, self.seed, self.rank, worker, epoch))
+        g, epoch, segment, k = self.geometry, self.epoch.value, self.segment.value, self.start_batch.value
+        b, crop = g.batch_size, self.cfg.crop_size
+        # the DataLoader polls worker 0 first: on a pass that starts at batch k it plays reader k % readers
+        role = (worker + k) % num_workers
+        steps = self.steps()
+        n_batches = reader_batches(steps, num_workers)[role]
+        done = emitted_before(k, num_workers, role)
+        pieces = span(self.runs(epoch), steps, b, self.rank, num_workers, role)
+        seeds = (self.seed, epoch, segment, self.rank, role)
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors, self.skipped_before.value)
-        samples = self._samples(pieces, n_batches * b, rng, errors)
-        for _ in range(n_batches):
+        samples = self._samples(pieces, done * b, (n_batches - done) * b, seeds, errors)
+        for _ in range(n_batches - done):
             images, masks = (
                 _batch_tensor((b, 3, crop, crop), torch.float32),
                 _batch_tensor((b, crop, crop), torch.int64),
             )
             keys = []
             for i in range(b):
-                s = next(samples)
+                s, sample_id = next(samples)
                 assert s.mask is not None
+                # augmentation drawn per sample: the same crop and flip whichever reader, rank or resume
+                rng = random.Random(derive_seed(TAG_AUG, self.seed, epoch, sample_id))
                 self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
                 keys.append(s.key)
             yield TrainBatch(images, masks, keys, errors.count, worker)
 
     def _samples(
-        self, pieces: list[Piece], quota: int, rng: random.Random, errors: ErrorPolicy
-    ) -> Iterator[Sample]:
-        ring: deque[RawSample] = deque(maxlen=_REFILL_RING)
-        produced = 0
-        for raw in shuffle_buffer(read_pieces(pieces, errors), self.cfg.shuffle_buffer, rng):
+        self, pieces: list[Piece], start: int, quota: int, seeds: tuple[int, ...], errors: ErrorPolicy
+    ) -> Iterator[tuple[Sample, int]]:
+        """(sample, id) in the reader's emission order from its `start`-th emission, window by window: a window
+        is read whole (at most data.shuffle_buffer samples), the samples before it are never read (their tar
+        headers are seeked past), and a sample already emitted before `start` is not decoded again."""
+        ids = list(piece_ids(pieces, self.base))
+        by_id = {i: pos for pos, i in enumerate(ids)}
+        ring: deque[tuple[RawSample, int]] = deque(maxlen=_REFILL_RING)
+        window, produced, loaded, loaded_window = self.geometry.window, 0, {}, -1
+        for pos in emission(len(ids), window, seeds, start):
+            if pos // window != loaded_window:  # read the window's samples that are still to come
+                loaded_window, lo = pos // window, pos // window * window
+                loaded = {}
+                for raw in read_pieces(cut_runs(pieces, lo, min(lo + window, len(ids))), errors):
+                    loaded[by_id[self.base[raw.shard] + raw.index]] = raw
+            raw = loaded.pop(pos, None)
+            if raw is None:  # lost to a damaged tar (counted by read_pieces)
+                continue
             sample = self._decode(raw, errors)
             if sample is not None:
-                ring.append(raw)
+                ring.append((raw, ids[pos]))
                 produced += 1
-                yield sample
+                yield sample, ids[pos]
+                if produced == quota:
+                    return
         while produced < quota:  # samples were skipped: re-use recent good ones so the step count holds
             if not ring:
                 raise ShardError(
                     f"rank {self.rank}: every sample of this worker's range was skipped; nothing to train on",
                     pieces[0].shard if pieces else None,
                 )
-            sample = self._decode(rng.choice(ring), errors)
+            rng = random.Random(derive_seed(TAG_REFILL, *seeds, produced))
+            raw, sample_id = ring[rng.randrange(len(ring))]
+            sample = self._decode(raw, errors)
             assert sample is not None, "a sample that decoded once decodes again"
             produced += 1
-            yield sample
+            yield sample, sample_id
 
     def _decode(self, raw: RawSample, errors: ErrorPolicy) -> Sample | None:
         try:
@@ -188,22 +249,38 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 class TrainLoader:
-    """Yields exactly `steps_per_epoch` TrainBatch per epoch on every rank; `set_epoch` before each pass.
+    """Yields the batches of one pass on every rank, the same number on each; `set_epoch` (or `set_position`,
+    to start inside an epoch) before each pass.
 
-    steps_per_epoch = total_samples // (batch_size * world_size). `skipped` counts the samples this rank has
-    dropped (on_error=skip) over all passes so far.
+    steps_per_epoch = total_samples // (batch_size * world_size); a pass that starts at batch k of a segment
+    yields the rest of it. `skipped` counts the samples this rank has dropped (on_error=skip) over all passes.
     """
 
     def __init__(self, cfg: DataConfig, dataset: _TrainStream, shard_set: ShardSet, steps: int):
         self.cfg, self.dataset, self.shard_set = cfg, dataset, shard_set
         self.steps_per_epoch = steps
-        self.epoch = 0
+        self.position = DataPosition()
         self._skipped_before = 0
         self._pass_skipped: dict[int, int] = {}
         self.loader = _dataloader(cfg, dataset)
 
+    @property
+    def geometry(self) -> Geometry:
+        return self.dataset.geometry
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.set_position(DataPosition(epoch))
+
+    def set_position(self, position: DataPosition) -> None:
+        consumed = runs_to_ids(position.consumed)
+        if consumed != self.dataset.consumed:
+            self.dataset.consumed = consumed
+            self.loader = _dataloader(self.cfg, self.dataset)  # persistent workers hold the old set
+        self.position = position
+
+    def pass_steps(self) -> int:
+        """Batches the next pass yields on this rank."""
+        return self.dataset.steps() - self.position.start_batch
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -214,7 +291,10 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[TrainBatch]:
         self._skipped_before, self._pass_skipped = self.skipped, {}
-        self.dataset.epoch.value = self.epoch  # before iter(): workers read it when the pass starts
+        p, expected = self.position, self.pass_steps()
+        # before iter(): workers read them when the pass starts
+        self.dataset.epoch.value, self.dataset.segment.value = p.epoch, p.segment
+        self.dataset.start_batch.value = p.start_batch
         self.dataset.skipped_before.value = self._skipped_before
         n = 0
         for batch in self.loader:
@@ -225,10 +305,8 @@ class TrainLoader:
                 )
             n += 1
             yield batch
-        if n != self.steps_per_epoch:
-            raise RuntimeError(
-                f"input pipeline produced {n} batches instead of {self.steps_per_epoch} (a bug)"
-            )
+        if n != expected:
+            raise RuntimeError(f"input pipeline produced {n} batches instead of {expected} (a bug)")
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, epoch: int = 0) -> TrainLoader:
@@ -256,7 +334,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, e
             max(1, cfg.num_workers),
             readers,
         )
-    loader = TrainLoader(cfg, _TrainStream(cfg, shard_set, rank, seed, steps), shard_set, steps)
+    loader = TrainLoader(cfg, _TrainStream(cfg, shard_set, rank, seed, world_size), shard_set, steps)
     loader.set_epoch(epoch)
     return loader
 

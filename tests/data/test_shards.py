@@ -187,7 +187,12 @@ def test_label_values_are_checked(data: dict[str, Path], tmp_path: Path) -> None
 
     rewrite_member(shard_dir / "shard-000000.tar", relabel)
     c = cfg(
-        train_shards=str(shard_dir), on_error="skip", shuffle_shards=False, shuffle_buffer=0, scale_min=1.0
+        train_shards=str(shard_dir),
+        on_error="skip",
+        shuffle_shards=False,
+        shuffle_buffer=0,
+        scale_min=1.0,
+        scale_max=1.0,
     )
     loader = build_train_loader(c, 0, 1, seed=0)
     first = next(iter(loader))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,8 @@ from launch_utils import REPO, torchrun
 from tiny_shards import cfg, epoch_keys, tar_keys
 
 from dist_seg.data.manifest import read_manifest
-from dist_seg.data.stream import (
-    build_eval_loader,
-    build_train_loader,
-    epoch_order,
-    train_pieces,
-)
+from dist_seg.data.plan import consumed_ids
+from dist_seg.data.stream import DataPosition, build_eval_loader, build_train_loader
 
 
 @pytest.fixture(scope="module")
@@ -26,28 +21,7 @@ def data(tiny_shards: dict[str, Path]) -> dict[str, Path]:
     return tiny_shards
 
 
-# ---------------------------------------------------------------- planning (pure)
-def test_train_plan_gives_every_rank_equal_disjoint_batches() -> None:
-    rng = random.Random(0)
-    for _ in range(300):
-        sizes = [rng.randint(1, 40) for _ in range(rng.randint(1, 7))]
-        shards = {f"s{i}": n for i, n in enumerate(sizes)}
-        world, workers, batch = rng.randint(1, 5), rng.randint(1, 4), rng.randint(1, 6)
-        steps = sum(sizes) // (batch * world)
-        if steps == 0:
-            continue
-        order = epoch_order(shards, seed=rng.randint(0, 99), epoch=rng.randint(0, 9), shuffle=True)
-        used: list[tuple[str, int]] = []
-        for rank in range(world):
-            rank_batches = 0
-            for w in range(workers):
-                pieces, n = train_pieces(order, steps, batch, rank, workers, w)
-                assert sum(p.stop - p.start for p in pieces) == n * batch
-                assert all(0 <= p.start < p.stop <= shards[p.shard] for p in pieces)
-                used += [(p.shard, i) for p in pieces for i in range(p.start, p.stop)]
-                rank_batches += n
-            assert rank_batches == steps
-        assert len(used) == len(set(used)) == steps * batch * world
+# planning (pure functions): tests/data/test_plan.py
 
 
 # ---------------------------------------------------------------- training, one process
@@ -155,3 +129,24 @@ def test_eval_on_test_split_without_masks(data: dict[str, Path]) -> None:
     assert batches[0].images.shape[-2:] == (32, 64)
     with pytest.raises(ValueError, match="no label maps"):
         build_train_loader(cfg(train_shards=str(data["test"])), 0, 1, seed=0)
+
+
+# ---------------------------------------------------------------- starting inside an epoch (resume)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_started_at_batch_k_is_the_rest_of_the_full_pass(data: dict[str, Path], workers: int) -> None:
+    """Same batches (keys and augmented pixels) as the uninterrupted pass from batch k on, without the
+    first k; and plan.consumed_ids names exactly the samples of the first k batches."""
+    c = cfg(train_shards=str(data["train4"]), num_workers=workers, shuffle_buffer=6)
+    loader = build_train_loader(c, 0, 1, seed=4)
+    loader.set_epoch(1)
+    full = [(b.keys, b.images.clone()) for b in loader]
+    for k in (1, 3, 7):
+        loader.set_position(DataPosition(epoch=1, start_batch=k))
+        rest = [(b.keys, b.images.clone()) for b in loader]
+        assert [keys for keys, _ in rest] == [keys for keys, _ in full[k:]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[k:], strict=True))
+        used = consumed_ids(
+            loader.shard_set.shard_samples, 4, 1, True, 0, set(), loader.geometry, start_batch=k
+        )
+        keys_by_id = tar_keys(data["train4"])  # shards in sorted order, samples in tar order: the id order
+        assert sorted(keys_by_id[i] for i in used) == sorted(key for keys, _ in full[:k] for key in keys)
