@@ -317,6 +317,7 @@ def check_model(ck: dict[str, Any], path: Path, model_name: str, num_classes: in
 
 
 def restore_training(
+    ck: dict[str, Any],
     path: Path,
     cfg: Config,
     num_classes: int,
@@ -326,8 +327,9 @@ def restore_training(
     scaler: torch.amp.GradScaler | None,
     rank: int,
 ) -> dict[str, Any]:
-    """Load `path` into the training objects and this rank's RNG; returns the saved train_state."""
-    ck = load_checkpoint(path, map_location="cpu")
+    """Load a checkpoint read from `path` into the training objects and this rank's RNG; returns the saved
+    train_state. A rank the checkpoint had no RNG state for (the run resumes on more ranks) seeds its RNGs
+    from (train.seed, rank, step), so it is reproducible too."""
     check_model(ck, path, cfg.model.name, num_classes)
     unwrap(model).load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
@@ -336,7 +338,17 @@ def restore_training(
         scaler.load_state_dict(ck["scaler"])
     if rank < len(ck["rng"]):
         restore_rng_state(ck["rng"][rank])
+    else:
+        seed_rngs(cfg.train.seed, rank, int(ck["train_state"].get("step", 0)))
     return ck["train_state"]
+
+
+def seed_rngs(*values: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs (every CUDA device too) from `values`."""
+    seed = int(np.random.SeedSequence([v % (1 << 63) for v in values]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
 
 
 @dataclasses.dataclass

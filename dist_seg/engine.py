@@ -17,8 +17,14 @@ import torch
 from torch import nn
 
 from dist_seg import distributed as D
-from dist_seg import faults, monitor
-from dist_seg.checkpoint import CheckpointManager, capture_rng_state, restore_training, training_checkpoint
+from dist_seg import faults, monitor, resume
+from dist_seg.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    restore_training,
+    training_checkpoint,
+)
 from dist_seg.config import Config, save_config, to_yaml
 from dist_seg.data.shards import ShardSet, dataset_classes
 from dist_seg.data.stream import TrainLoader, build_eval_loader, build_train_loader
@@ -54,16 +60,6 @@ class StepOutput:
     skipped: bool  # no optimizer update this step (non-finite loss or gradients on some rank)
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
-
-
-def iter_epoch(loader: Any, state: TrainState) -> Any:
-    """The loader's iterator for state.epoch, past the batches already consumed (resume inside an epoch
-    replays the same data order)."""
-    loader.set_epoch(state.epoch)
-    it = iter(loader)
-    for _ in range(state.batch_in_epoch):
-        next(it)
-    return it
 
 
 def to_device(t: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -178,30 +174,6 @@ def _save(
         ckpts.save(ck, state.step, is_best)
 
 
-def _agree_on_resume(ckpts: CheckpointManager, cfg: Config, world: D.World) -> Path | None:
-    """Rank 0 picks the checkpoint to resume from (or none) and every rank must be able to read it: a rank
-    that decided alone could start fresh while the others resume, and DDP would average diverged replicas."""
-    choice: tuple[str | None, str | None] = (None, None)
-    if world.is_main:
-        try:
-            path = ckpts.resume_path(cfg.train.resume)
-            choice = (str(path) if path is not None else None, None)
-        except ValueError as e:
-            choice = (None, str(e))
-    path, error = D.broadcast_object(choice)
-    if error is not None:
-        raise ValueError(error)
-    blind = [
-        r for r, bad in enumerate(D.all_gather_object(path is not None and not Path(path).is_file())) if bad
-    ]
-    if blind:
-        raise ValueError(
-            f"rank 0 resumes from {path}, which rank(s) {blind} cannot read: train.out_dir must be on a "
-            "filesystem that every node shares (or set train.resume to a path all nodes can read)"
-        )
-    return Path(path) if path is not None else None
-
-
 def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoader, Plan]:
     """Model, optimizer, scheduler, scaler, loss, the train loader and the plan, ready to step."""
     shard_set = dataset_classes(cfg.data.train_shards, cfg.model.num_classes)
@@ -237,66 +209,80 @@ def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoa
         max_nonfinite=cfg.train.max_nonfinite,
         params=[p for p in model.parameters() if p.requires_grad],
     )
-    return ctx, shard_set, loader, Plan.from_config(cfg, steps_per_epoch, total_steps)
+    return ctx, shard_set, loader, Plan.from_config(cfg, steps_per_epoch, total_steps, world.world_size)
 
 
 def _open_run(
-    cfg: Config, world: D.World, ctx: StepContext, shard_set: ShardSet, plan: Plan
-) -> tuple[TrainState, CheckpointManager, TBLogger]:
-    """Resume from the agreed checkpoint (or start at step 0), write the run directory's config.yaml, and open
-    TensorBoard (past a resumed step, its events are purged so curves do not double back)."""
+    cfg: Config,
+    world: D.World,
+    ctx: StepContext,
+    shard_set: ShardSet,
+    plan: Plan,
+    loader: TrainLoader,
+    saved: tuple[Path, dict[str, Any]] | None,
+) -> tuple[TrainState, TBLogger]:
+    """Restore the saved checkpoint (or start at step 0) and carry its data position over to this run's
+    geometry, write the run directory's config.yaml, and open TensorBoard (past a resumed step, its events are
+    purged so curves do not double back)."""
     out = Path(cfg.train.out_dir)
-    ckpts = CheckpointManager(out, cfg.train.keep_last)
-    ckpts.before_rename = faults.before_checkpoint_rename
-    state = TrainState()
-    resume = _agree_on_resume(ckpts, cfg, world)
-    if resume is not None:
-        saved = restore_training(
-            resume,
-            cfg,
-            shard_set.num_classes,
-            ctx.model,
-            ctx.optimizer,
-            ctx.scheduler,
-            ctx.scaler,
-            world.rank,
+    state = TrainState(global_batch=plan.global_batch, samples=shard_set.total_samples)
+    if saved is not None:
+        path, ck = saved
+        resume.check_same_dataset(ck["train_state"], shard_set, str(path))
+        args = (ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, world.rank)
+        state.load_state_dict(restore_training(ck, path, cfg, shard_set.num_classes, *args))
+        state.global_batch = plan.global_batch
+        if ck["train_state"].get("batch_in_epoch") and "epoch_step" not in ck["train_state"]:
+            _log(world, f"warning: {path} predates global data positions; epoch {state.epoch} restarts")
+        note = resume.continue_epoch(state, loader.geometry, ck.get("config", {}), shard_set, cfg.train.seed)
+        _log(
+            world,
+            f"resumed from {path} at step {state.step} (epoch {state.epoch}, step {state.epoch_step} of it)",
         )
-        state.load_state_dict(saved)
-        _log(world, f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
+        if note:
+            _log(world, note)
+    state.geometry = loader.geometry.as_dict()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if resume is not None:
+        if saved is not None:
             monitor.trim_history(out, state.step)
-    tb = TBLogger(
-        out / "tb", enabled=world.is_main, purge_step=state.step + 1 if resume is not None else None
-    )
+    tb = TBLogger(out / "tb", enabled=world.is_main, purge_step=state.step + 1 if saved is not None else None)
     tb.text("config", to_yaml(cfg), preformatted=True)
-    global_batch = cfg.data.batch_size * world.world_size * cfg.train.grad_accum
     _log(
         world,
         f"{world.world_size} process(es) on {world.device}; {shard_set.total_samples} training samples; "
-        f"{plan.steps_per_epoch} steps/epoch x global batch {global_batch}; {plan.total_steps} steps",
+        f"{plan.steps_per_epoch} steps/epoch x global batch {plan.global_batch}; {plan.total_steps} steps",
     )
-    return state, ckpts, tb
+    return state, tb
 
 
 def fit(cfg: Config, world: D.World) -> dict[str, Any]:
     """Train as configured; returns the last evaluation's metrics."""
+    ckpts = CheckpointManager(Path(cfg.train.out_dir), cfg.train.keep_last)
+    ckpts.before_rename = faults.before_checkpoint_rename
+    path = resume.agree_on_checkpoint(ckpts, cfg, world)
+    saved = (path, load_checkpoint(path, map_location="cpu")) if path is not None else None
+    if saved is not None:  # the global batch belongs to the run: keep it on this world size
+        cfg, note = resume.keep_global_batch(cfg, saved[1], world.world_size)
+        if note:
+            _log(world, note)
     ctx, shard_set, loader, plan = _build(cfg, world)
     num_classes, names, total_steps = shard_set.num_classes, shard_set.class_names, plan.total_steps
-    state, ckpts, tb = _open_run(cfg, world, ctx, shard_set, plan)
+    state, tb = _open_run(cfg, world, ctx, shard_set, plan, loader, saved)
     progress = monitor.Progress(cfg, world, tb, total_steps, state.step)
     metrics: dict[str, Any] = {}
     while state.step < total_steps:
-        it = iter_epoch(loader, state)
+        loader.set_position(state.data_position(plan.grad_accum))
+        it = iter(loader)
         while not plan.epoch_done(state) and state.step < total_steps:
             faults.on_step(state.step + 1, world.rank)
             t0 = time.perf_counter()
-            batches = [next(it) for _ in range(cfg.train.grad_accum)]
+            batches = [next(it) for _ in range(plan.grad_accum)]
             t1 = time.perf_counter()
+            faults.record_keys(state.step + 1, world.rank, [k for b in batches for k in b.keys])
             out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
-            state.record_step(out_step, cfg.train.grad_accum, cfg.train.max_nonfinite)
+            state.record_step(out_step, cfg.train.max_nonfinite)
             progress.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)
             if plan.should_log(state.step):
                 progress.log(state.step, state.epoch, ctx.optimizer)

@@ -8,6 +8,9 @@ the first), so a restarted job runs clean.
     DIST_SEG_FAULT_STALL_AT_STEP=STEP:RANK:SECS   rank RANK sleeps SECS seconds as step STEP starts
     DIST_SEG_FAULT_KILL_IN_CHECKPOINT=STEP        SIGKILL the writer after the checkpoint of step STEP is
                                                   written and fsynced, before its rename
+
+Not a fault, a record for drills: DIST_SEG_RECORD_KEYS=DIR appends "step key" lines of the samples each rank
+trains on to DIR/keys-rank{RANK}.txt (in every attempt), so a test can check which samples a run used.
 """
 
 from __future__ import annotations
@@ -78,3 +81,13 @@ def before_checkpoint_rename(step: int | None) -> None:
     if at and step is not None and step == int(at):
         print(f"[fault] SIGKILL while writing the checkpoint of step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record_keys(step: int, rank: int, keys: list[str]) -> None:
+    """Append this step's sample keys to DIST_SEG_RECORD_KEYS/keys-rank{rank}.txt when that is set."""
+    folder = os.environ.get("DIST_SEG_RECORD_KEYS")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"keys-rank{rank}.txt"), "a") as f:
+        f.writelines(f"{step} {k}\n" for k in keys)

@@ -30,7 +30,7 @@ def test_epoch_end_evaluation_and_saving_by_default() -> None:
     state = TrainState()
     evaluated, saved, logged = [], [], []
     while state.step < plan.total_steps:
-        state.record_step(_out(), plan.grad_accum, max_nonfinite=3)
+        state.record_step(_out(), max_nonfinite=3)
         logged += [state.step] if plan.should_log(state.step) else []
         epoch_done = plan.epoch_done(state)
         if epoch_done:
@@ -39,7 +39,9 @@ def test_epoch_end_evaluation_and_saving_by_default() -> None:
         evaluated += [state.step] if ev else []
         saved += [state.step] if plan.should_save(state.step, epoch_done, ev) else []
     assert evaluated == saved == [3, 6, 7]  # each epoch end and the last step
-    assert logged == [5, 7] and state.epoch == 2 and state.batch_in_epoch == 2
+    assert logged == [5, 7] and state.epoch == 2 and state.epoch_step == 1
+    # the loader resumes at loader batch (epoch_step - segment_start) x grad_accum
+    assert state.data_position(plan.grad_accum).start_batch == 2 and state.data_position(2).epoch == 2
 
 
 def test_step_counted_evaluation_and_saving() -> None:
@@ -58,10 +60,10 @@ def test_step_counted_evaluation_and_saving() -> None:
 def test_nonfinite_streak_stops_only_when_consecutive() -> None:
     state = TrainState()
     for bad in (True, True, False, True, True):
-        state.record_step(_out(bad), 1, max_nonfinite=3)
+        state.record_step(_out(bad), max_nonfinite=3)
     assert state.nonfinite_streak == 2
     with pytest.raises(RuntimeError, match="3 consecutive"):
-        state.record_step(_out(True), 1, max_nonfinite=3)
+        state.record_step(_out(True), max_nonfinite=3)
 
 
 # ---------------------------------------------------------------- train_step: non-finite steps
