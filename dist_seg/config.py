@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dist_seg.data import IGNORE_INDEX
+from dist_seg.preemption import parse_signals
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -178,6 +179,9 @@ class TrainConfig:
     """Stop the run after this many consecutive non-finite losses."""
     timeout_s: int = 600
     """Collective timeout in seconds: a dead or stalled peer ends the run with an error after this."""
+    stop_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that stop the run with a checkpoint of the step reached and exit code 75 (see README
+    "Preemption, node loss and resize"); comma-separated names, empty for none."""
     num_vis_images: int = 4
     """Validation images shown in TensorBoard (input | ground truth | prediction) at every eval."""
     device: str = "auto"
@@ -223,6 +227,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check value ranges and choices that the type system cannot; raise ValueError naming the key."""
+    parse_signals(cfg.train.stop_signals)  # names a signal a process can catch
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ValueError(f"config key {key}={_get(cfg, key)!r}: expected one of {', '.join(choices)}")

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import build_model, input_constraints, pretrained_summary, unwrap
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.precision import AMP_DTYPES, autocast
+from dist_seg.preemption import Preempted, StopRequest, clear_marker
 from dist_seg.tb import TBLogger
 
 
@@ -51,6 +52,7 @@ class StepContext:
     channels_last: bool
     max_nonfinite: int
     params: list[nn.Parameter] = field(default_factory=list)
+    stop: StopRequest | None = None  # set by a stop signal; every rank learns of it at the next step
 
 
 @dataclass
@@ -60,6 +62,7 @@ class StepOutput:
     skipped: bool  # no optimizer update this step (non-finite loss or gradients on some rank)
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
+    stop_requested: bool = False  # a stop signal reached some rank: checkpoint and exit
 
 
 def to_device(t: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -85,7 +88,8 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, max_norm)
     # every rank takes the same branch: a rank that stepped alone would desynchronise the replicas
     finite_loss, finite_grad = bool(torch.isfinite(total)), bool(torch.isfinite(grad_norm))
-    flags = D.any_rank_flags([not finite_loss, not finite_grad], ctx.device)
+    stop = ctx.stop is not None and ctx.stop.requested
+    flags = D.any_rank_flags([not finite_loss, not finite_grad, stop], ctx.device)
     nonfinite, bad_loss = flags[0] or flags[1], flags[0]
     if nonfinite:
         if ctx.scaler is not None:
@@ -98,7 +102,7 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scheduler.step()
     scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
-    return StepOutput(float(total), float(grad_norm), nonfinite, float(scale), bad_loss)
+    return StepOutput(float(total), float(grad_norm), nonfinite, float(scale), bad_loss, flags[2])
 
 
 def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:
@@ -119,6 +123,7 @@ def compute_confusion(
     amp_dtype: torch.dtype | None,
     channels_last: bool = False,
     keep: int = 0,
+    stop: StopRequest | None = None,
 ) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Exact distributed evaluation: a per-rank int64 confusion matrix, all-reduced once at the end.
 
@@ -133,6 +138,8 @@ def compute_confusion(
     cm = ConfusionMatrix(num_classes, device=device)  # pixels labelled IGNORE_INDEX count nowhere
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
+        if stop is not None and stop.requested:
+            break  # the caller checks, across ranks, whether the result is whole
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (h, w) in enumerate(batch.sizes):
             groups.setdefault(padded_size(h, w, divisor, min_size), []).append(i)
@@ -212,6 +219,20 @@ def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoa
     return ctx, shard_set, loader, Plan.from_config(cfg, steps_per_epoch, total_steps, world.world_size)
 
 
+def _stop(
+    cfg: Config,
+    world: D.World,
+    ctx: StepContext,
+    state: TrainState,
+    ckpts: CheckpointManager,
+    num_classes: int,
+    names: list[str],
+) -> NoReturn:
+    """Every rank at once, after a stop signal: checkpoint the step reached, then raise Preempted."""
+    _save(cfg, world, ctx, state, ckpts, False, num_classes, names)
+    raise Preempted(state.step, ctx.stop.signal_name if ctx.stop is not None else None)
+
+
 def _open_run(
     cfg: Config,
     world: D.World,
@@ -244,6 +265,7 @@ def _open_run(
     state.geometry = loader.geometry.as_dict()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clear_marker(out)  # this run goes on from where a preempted one stopped
         save_config(cfg, out / "config.yaml")
         if saved is not None:
             monitor.trim_history(out, state.step)
@@ -257,8 +279,9 @@ def _open_run(
     return state, tb
 
 
-def fit(cfg: Config, world: D.World) -> dict[str, Any]:
-    """Train as configured; returns the last evaluation's metrics."""
+def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Train as configured; returns the last evaluation's metrics. With `stop`, a stop signal ends the run
+    with a checkpoint of the step reached and raises preemption.Preempted."""
     ckpts = CheckpointManager(Path(cfg.train.out_dir), cfg.train.keep_last)
     ckpts.before_rename = faults.before_checkpoint_rename
     path = resume.agree_on_checkpoint(ckpts, cfg, world)
@@ -270,6 +293,7 @@ def fit(cfg: Config, world: D.World) -> dict[str, Any]:
     ctx, shard_set, loader, plan = _build(cfg, world)
     num_classes, names, total_steps = shard_set.num_classes, shard_set.class_names, plan.total_steps
     state, tb = _open_run(cfg, world, ctx, shard_set, plan, loader, saved)
+    ctx.stop = stop
     progress = monitor.Progress(cfg, world, tb, total_steps, state.step)
     metrics: dict[str, Any] = {}
     while state.step < total_steps:
@@ -289,10 +313,15 @@ def fit(cfg: Config, world: D.World) -> dict[str, Any]:
             epoch_done = plan.epoch_done(state)
             if epoch_done:
                 state.next_epoch()
+            if out_step.stop_requested:
+                _stop(cfg, world, ctx, state, ckpts, num_classes, names)
             evaluate_now = plan.should_evaluate(state.step, epoch_done)
             is_best = False
             if evaluate_now and cfg.data.val_shards:
-                metrics = _validate(cfg, world, ctx, tb, state.step, num_classes, names)
+                validated = _validate(cfg, world, ctx, tb, state.step, num_classes, names)
+                if validated is None:  # a stop signal during the evaluation
+                    _stop(cfg, world, ctx, state, ckpts, num_classes, names)
+                metrics = validated
                 is_best = metrics["miou"] > state.best_miou
                 state.best_miou = max(state.best_miou, metrics["miou"])
             if plan.should_save(state.step, epoch_done, evaluate_now):
@@ -300,7 +329,7 @@ def fit(cfg: Config, world: D.World) -> dict[str, Any]:
             if epoch_done:
                 break
     if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics
-        metrics = _validate(cfg, world, ctx, tb, state.step, num_classes, names)
+        metrics = _validate(cfg, world, ctx, tb, state.step, num_classes, names) or {}
     if world.is_main and metrics:
         monitor.report_hparams(cfg, tb, world.world_size, metrics)
     tb.close()
@@ -315,7 +344,8 @@ def _validate(
     step: int,
     num_classes: int,
     names: list[str],
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """Evaluate on the val shards and report; None when a stop signal cut the evaluation short."""
     divisor, min_size = input_constraints(ctx.model)
     loader = build_eval_loader(cfg.data, world.rank, world.world_size, divisor, min_size)
     keep = cfg.train.num_vis_images if world.is_main else 0
@@ -327,7 +357,10 @@ def _validate(
         ctx.amp_dtype,
         cfg.train.channels_last,
         keep,
+        ctx.stop,
     )
+    if ctx.stop is not None and D.any_rank_flags([ctx.stop.requested], world.device)[0]:
+        return None
     metrics = cm.compute(names)
     if world.is_main:
         monitor.report_eval(cfg, tb, step, metrics, cm.matrix.cpu().numpy(), kept, names, num_classes)

@@ -19,6 +19,7 @@ import warnings
 from dist_seg import distributed as D
 from dist_seg import faults
 from dist_seg.config import load_config, to_yaml
+from dist_seg.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, parse_signals, write_marker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,15 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     if faults.active():
         warnings.warn(f"fault injection is ON: {', '.join(faults.active())}", stacklevel=1)
     world = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
+    stop = StopRequest(parse_signals(cfg.train.stop_signals))
     try:
         from dist_seg.engine import fit  # heavy imports after argument checks
 
-        metrics = fit(cfg, world)
+        metrics = fit(cfg, world, stop)
         if world.is_main and metrics:
             print(f"final val mIoU {metrics['miou']:.4f}")
             for name, iou in metrics["iou_by_class"].items():
                 print(f"  {name:<20} IoU {iou:.4f}")
+    except Preempted as stopped:
+        if world.is_main:
+            marker = write_marker(cfg.train.out_dir, stopped)
+            print(f"{stopped}: checkpoint written, {marker} left for the requeue; exit {PREEMPTED_EXIT_CODE}")
+        return PREEMPTED_EXIT_CODE
     finally:
+        stop.close()
         D.cleanup()
     return 0
 
