@@ -124,3 +124,50 @@ def test_an_evaluation_stops_at_its_next_batch_after_a_stop_signal(tiny_shards) 
     finally:
         stop.close()
     assert int(whole.matrix.sum()) > 0 and int(cut.matrix.sum()) == 0
+
+
+@pytest.mark.slow
+def test_slurm_script_requeues_after_the_time_limit_signal(tiny_shards, tmp_path: Path) -> None:
+    """launch/slurm.sbatch as SLURM runs it, with `srun` and `scontrol` replaced by stubs: SIGUSR1 to the
+    torchrun agent (SLURM's --signal=USR1@180) reaches the ranks, they checkpoint and stop, and the script
+    requeues the job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit=1
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path}/scontrol.log; fi\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "run"
+    env = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+        "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": str(free_port()), "SLURM_GPUS_ON_NODE": "2",
+    }  # fmt: skip
+    cmd = ["bash", str(REPO / "launch/slurm.sbatch"), str(REPO / "configs/cpu_small.yaml"),
+           f"data.train_shards={tiny_shards['train4']}", f"train.out_dir={out}", *FAST]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, deadline, agent = [], time.monotonic() + 240, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            continue
+        if agent is None and f"step 3/{STEPS}" in seen[-1]:
+            agent = int(
+                subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[
+                    0
+                ]
+            )
+            os.kill(agent, signal.SIGUSR1)  # the torchrun agent (srun's exec)
+    proc.wait(timeout=120)
+    log = "".join(seen) + "".join(iter(lambda: lines.get() if not lines.empty() else "", ""))
+    assert agent is not None and proc.returncode == 0, log[-3000:]
+    assert "SIGUSR1 received" in log and "requeueing job" in log, log[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().startswith("requeue ")
+    assert json.loads((out / MARKER).read_text())["signal"] == "SIGUSR1"
