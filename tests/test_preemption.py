@@ -39,14 +39,30 @@ def _args(shards: Path, out: Path) -> list[str]:
     return ["--config", config, f"data.train_shards={shards}", f"train.out_dir={out}", *FAST]
 
 
-def _start(cmd: list[str]) -> tuple[subprocess.Popen, queue.Queue]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _start(
+    cmd: list[str], cwd: Path = REPO, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, queue.Queue]:
+    """Start `cmd` with its output (stdout and stderr) arriving line by line on a queue."""
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     return proc, lines
+
+
+def _drain(lines: queue.Queue) -> list[str]:
+    time.sleep(0.5)  # the reader thread hands over what the ended process printed last
+    got = []
+    while not lines.empty():
+        got.append(lines.get())
+    return got
+
+
+def _child(pid: int) -> int:
+    r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10)
+    return int(r.stdout.split()[0])
 
 
 def _signal_at(proc: subprocess.Popen, lines: queue.Queue, text: str, sig: signal.Signals) -> list[str]:
@@ -147,11 +163,7 @@ def test_slurm_script_requeues_after_the_time_limit_signal(tiny_shards, tmp_path
     }  # fmt: skip
     cmd = ["bash", str(REPO / "launch/slurm.sbatch"), str(REPO / "configs/cpu_small.yaml"),
            f"data.train_shards={tiny_shards['train4']}", f"train.out_dir={out}", *FAST]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    proc, lines = _start(cmd, cwd=tmp_path, env=env)
     seen, deadline, agent = [], time.monotonic() + 240, None
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -159,14 +171,10 @@ def test_slurm_script_requeues_after_the_time_limit_signal(tiny_shards, tmp_path
         except queue.Empty:
             continue
         if agent is None and f"step 3/{STEPS}" in seen[-1]:
-            agent = int(
-                subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[
-                    0
-                ]
-            )
-            os.kill(agent, signal.SIGUSR1)  # the torchrun agent (srun's exec)
+            agent = _child(proc.pid)  # the torchrun agent: the stub srun exec'd it
+            os.kill(agent, signal.SIGUSR1)
     proc.wait(timeout=120)
-    log = "".join(seen) + "".join(iter(lambda: lines.get() if not lines.empty() else "", ""))
+    log = "".join(seen + _drain(lines))
     assert agent is not None and proc.returncode == 0, log[-3000:]
     assert "SIGUSR1 received" in log and "requeueing job" in log, log[-3000:]
     assert (tmp_path / "scontrol.log").read_text().startswith("requeue ")
