@@ -47,7 +47,7 @@ def test_two_process_syncbn_run_fits_its_training_images(tmp_path: Path) -> None
     """A seeded 2-rank run through SyncBatchNorm (FCN-8s, 15 BatchNorms, 2 images per rank) fits 8 images,
     with the overrides typed as the README writes them (`train.amp=off`). Fitting a fixed set converges
     whatever the trajectory, so the floor does not depend on lucky rounding (a short run of the demo
-    recipe does: see the module docstring). Measured: 0.9309 (floor GUARD_FLOOR)."""
+    recipe does: see the module docstring). Measured: 0.9297 (floor GUARD_FLOOR)."""
     train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
     out = tmp_path / "run"
     args = [
@@ -72,7 +72,8 @@ GUARD_FLOOR = 0.85
 @pytest.mark.parametrize("model", ["deconvnet", "deeplab_v1", "fcn8s"])
 def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> None:
     """The whole path learns for each VGG model: 8 synthetic images, no augmentation, evaluated on themselves,
-    one process. Measured mIoU: see MEASURED."""
+    one process. Measured mIoU (deterministic on this machine): deconvnet 0.7831, deeplab_v1 0.8747,
+    fcn8s 0.9454."""
     train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
@@ -97,12 +98,12 @@ def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> No
 
 
 # DeconvNet needs the demo's recipe to fit the set: median-frequency class weights and a poly schedule over 300
-# steps. Measured before this guard existed (same data, batch 4): with a constant LR and no class weights its
-# eval-mode mIoU stayed at 0.12-0.13 after 150, 200 and 300 steps although its training loss fell to 0.52 (it
-# paints nearly everything background once BatchNorm uses running statistics); poly without class weights:
+# steps. Measured before this guard existed (same data, batch 4, the data order before windowed shuffling):
+# with a constant LR and no class weights its eval-mode mIoU stayed at 0.12-0.13 after 150, 200 and 300
+# steps although its training loss fell to 0.52 (pixel accuracy 0.77, mean class accuracy 0.20: nearly every
+# pixel painted as the majority class once BatchNorm uses running statistics); poly without class weights:
 # 0.13 at 200 steps; poly with class weights: 0.41 at 200 steps, 0.68 at 300.
 BATCH = {"deconvnet": 4, "deeplab_v1": 4, "fcn8s": 4}
 STEPS = {"deconvnet": 300, "deeplab_v1": 150, "fcn8s": 150}
 EXTRA = {"deconvnet": {"loss.class_weights": "auto", "sched.name": "poly", "sched.warmup_steps": 20}}
-MEASURED = {"deconvnet": None, "deeplab_v1": None, "fcn8s": None}
-OVERFIT_FLOOR = {"deconvnet": 0.5, "deeplab_v1": 0.8, "fcn8s": 0.85}
+OVERFIT_FLOOR = {"deconvnet": 0.6, "deeplab_v1": 0.8, "fcn8s": 0.85}
