@@ -304,7 +304,7 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(plan.grad_accum)]
             t1 = time.perf_counter()
-            faults.record_keys(state.step + 1, world.rank, [k for b in batches for k in b.keys])
+            faults.record_keys(state.step + 1, world.rank, batches)
             out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
             state.record_step(out_step, cfg.train.max_nonfinite)
             progress.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -83,11 +85,12 @@ def before_checkpoint_rename(step: int | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def record_keys(step: int, rank: int, keys: list[str]) -> None:
-    """Append this step's sample keys to DIST_SEG_RECORD_KEYS/keys-rank{rank}.txt when that is set."""
+def record_keys(step: int, rank: int, batches: Iterable[Any]) -> None:
+    """Append the sample keys of this step's batches (anything with `.keys`) to
+    DIST_SEG_RECORD_KEYS/keys-rank{rank}.txt when that is set; nothing is built when it is not."""
     folder = os.environ.get("DIST_SEG_RECORD_KEYS")
     if not folder:
         return
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"keys-rank{rank}.txt"), "a") as f:
-        f.writelines(f"{step} {k}\n" for k in keys)
+        f.writelines(f"{step} {k}\n" for b in batches for k in b.keys)

@@ -84,14 +84,12 @@ def keep_global_batch(cfg: Config, saved: dict[str, Any], world_size: int) -> tu
 def continue_epoch(
     state: TrainState, geometry: Geometry, saved_cfg: dict[str, Any], shard_set: ShardSet, seed: int
 ) -> str | None:
-    """Carry the saved data position over to this run's `geometry`: nothing on the same geometry or at an
-    epoch boundary; otherwise a new segment of the epoch over the samples not used yet. Returns what it did."""
+    """Carry the saved data position over to this run's `geometry`: nothing on the same geometry, for a
+    checkpoint without one, or at an epoch boundary (nothing of the epoch read yet); otherwise a new segment of
+    the epoch over the samples not used yet. Returns what it did. The caller records `geometry` as the
+    segment's afterwards."""
     old = state.geometry
-    if old == geometry.as_dict() or not old:
-        state.geometry = geometry.as_dict()
-        return None
-    if state.epoch_step == 0:  # nothing of this epoch read yet: plan it afresh
-        state.geometry = geometry.as_dict()
+    if not old or old == geometry.as_dict() or state.epoch_step == 0:
         return None
     data = saved_cfg.get("data", {})
     shuffle = bool(data.get("shuffle_shards", True))
@@ -113,7 +111,6 @@ def continue_epoch(
     state.consumed = ids_to_runs(used)
     state.segment += 1
     state.segment_start = state.epoch_step
-    state.geometry = geometry.as_dict()
     return (
         f"epoch {state.epoch} continues on a new geometry ({_describe(old_geometry)} -> {_describe(geometry)}): "
         f"{len(used)} of its {shard_set.total_samples} samples used so far, the rest re-planned"

@@ -321,7 +321,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, e
             f"data.train_shards={cfg.train_shards}: these shards have no label maps (a test split?)"
         )
     global_batch = cfg.batch_size * world_size
-    steps = shard_set.total_samples // global_batch
+    steps = segment_steps(shard_set.total_samples, cfg.batch_size, world_size)
     if steps < 1:
         raise ValueError(
             f"data.train_shards={cfg.train_shards} holds {shard_set.total_samples} samples, fewer than one global "
