@@ -26,8 +26,9 @@ from dist_seg.checkpoint import (
     training_checkpoint,
 )
 from dist_seg.config import Config, save_config, to_yaml
+from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.data.shards import ShardSet, dataset_classes
-from dist_seg.data.stream import TrainLoader, build_eval_loader, build_train_loader
+from dist_seg.data.stream import TrainLoader, build_train_loader
 from dist_seg.data.transforms import padded_size
 from dist_seg.loop import Plan, TrainState
 from dist_seg.losses import build_loss, load_class_weights

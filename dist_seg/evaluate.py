@@ -21,8 +21,8 @@ from typing import Any
 from dist_seg import distributed as D
 from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config, load_config
+from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.data.shards import dataset_classes
-from dist_seg.data.stream import build_eval_loader
 from dist_seg.engine import compute_confusion
 from dist_seg.metrics import to_jsonable
 from dist_seg.models import input_constraints

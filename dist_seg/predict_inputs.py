@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from dist_seg.config import Config
-from dist_seg.data.stream import build_eval_loader
+from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.data.transforms import eval_transform
 from dist_seg.submission import expected_from_coco
 

@@ -13,7 +13,7 @@ from conftest import shared_dataset
 
 from dist_seg.config import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.data.stream import build_eval_loader
+from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.engine import StepContext, StepOutput, compute_confusion, train_step
 from dist_seg.loop import Plan, TrainState
 from dist_seg.losses import build_loss

@@ -26,10 +26,7 @@ that lost samples re-decodes (with fresh augmentation) one of its last good samp
 case where an image can appear twice in an epoch. Counts travel with the batches (`TrainBatch.skipped`, per
 worker and epoch) and `TrainLoader.skipped` sums them for the rank.
 
-Evaluation (`build_eval_loader`): shards in sorted order, rank r takes samples [r*N//W, (r+1)*N//W) and its
-workers split that range, so each sample is seen exactly once across ranks for any shard count and world size.
-
-Reading and decoding (only jpg/png/json members, never unpickling) live in `dist_seg.data.shards`.
+Evaluation loading is dist_seg.data.eval_stream. Reading and decoding (only jpg/png/json members, never unpickling) live in `dist_seg.data.shards`.
 """
 
 from __future__ import annotations
@@ -42,11 +39,10 @@ import random
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_seg.config import DataConfig
 from dist_seg.data.plan import (
@@ -57,7 +53,6 @@ from dist_seg.data.plan import (
     derive_seed,
     emission,
     emitted_before,
-    eval_pieces,
     id_base,
     piece_ids,
     reader_batches,
@@ -77,42 +72,21 @@ from dist_seg.data.shards import (
     read_pieces,
     resolve_shards,
 )
-from dist_seg.data.transforms import EvalTransform, TrainTransform, pad_batch
+from dist_seg.data.transforms import TrainTransform
+from dist_seg.data.workers import make_dataloader, worker_slot
 
 __all__ = [
     "ShardError",
     "resolve_shards",
     "build_train_loader",
-    "build_eval_loader",
     "TrainLoader",
     "DataPosition",
-    "EvalLoader",
     "TrainBatch",
-    "EvalBatch",
 ]
 
 log = logging.getLogger(__name__)
 
 _REFILL_RING = 16  # recent good samples a worker may re-use in place of skipped ones
-
-
-def _worker() -> tuple[int, int]:
-    wi = get_worker_info()
-    return (wi.id, wi.num_workers) if wi is not None else (0, 1)
-
-
-def _dataloader(cfg: DataConfig, dataset: IterableDataset) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=None,  # workers batch themselves: each owns whole batches
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
-        prefetch_factor=2 if cfg.num_workers > 0 else None,
-        # workers seed themselves from (seed, rank, worker, epoch); a private generator keeps the loader's
-        # base-seed draw out of the global RNG, so a resumed run's dropout masks match an uninterrupted run's
-        generator=torch.Generator().manual_seed(0),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -168,7 +142,7 @@ class _TrainStream(IterableDataset):
         return segment_steps(left, self.geometry.batch_size, self.geometry.world_size)
 
     def __iter__(self) -> Iterator[TrainBatch]:
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         g, epoch, segment, k = self.geometry, self.epoch.value, self.segment.value, self.start_batch.value
         b, crop = g.batch_size, self.cfg.crop_size
         # the DataLoader polls worker 0 first: on a pass that starts at batch k it plays reader k % readers
@@ -265,7 +239,7 @@ class TrainLoader:
         self.position = DataPosition()
         self._skipped_before = 0
         self._pass_skipped: dict[int, int] = {}
-        self.loader = _dataloader(cfg, dataset)
+        self.loader = make_dataloader(cfg, dataset)
 
     @property
     def geometry(self) -> Geometry:
@@ -278,7 +252,7 @@ class TrainLoader:
         consumed = runs_to_ids(position.consumed)
         if consumed != self.dataset.consumed:
             self.dataset.consumed = consumed
-            self.loader = _dataloader(self.cfg, self.dataset)  # persistent workers hold the old set
+            self.loader = make_dataloader(self.cfg, self.dataset)  # persistent workers hold the old set
         self.position = position
 
     def pass_steps(self) -> int:
@@ -340,111 +314,3 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, e
     loader = TrainLoader(cfg, _TrainStream(cfg, shard_set, rank, seed, world_size), shard_set, steps)
     loader.set_epoch(epoch)
     return loader
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-@dataclass
-class EvalBatch:
-    images: Tensor  # float32 [B, 3, H, W], padded bottom/right with 0 (the mean colour)
-    masks: Tensor | None  # int64 [B, H, W], padding 255; None for shards without label maps
-    keys: list[str]
-    sizes: list[tuple[int, int]]  # (h, w) of each image inside the padded batch: crop predictions to it
-    orig_sizes: list[tuple[int, int]]  # (h, w) of the stored image (differs from sizes with eval_resize)
-    meta: list[dict[str, Any] | None]  # each sample's KEY.json (file_name, image_id, ...)
-    skipped: int
-    worker: int
-
-    def pin_memory(self) -> EvalBatch:
-        masks = self.masks.pin_memory() if self.masks is not None else None
-        return dataclasses.replace(self, images=self.images.pin_memory(), masks=masks)
-
-
-class _EvalStream(IterableDataset):
-    def __init__(
-        self,
-        cfg: DataConfig,
-        shard_set: ShardSet,
-        rank: int,
-        world_size: int,
-        size_divisor: int,
-        min_size: int,
-    ):
-        super().__init__()
-        self.cfg, self.shard_set, self.rank, self.world_size = cfg, shard_set, rank, world_size
-        self.size_divisor, self.min_size = size_divisor, min_size
-        self.transform = EvalTransform(cfg)
-
-    def __iter__(self) -> Iterator[EvalBatch]:
-        worker, num_workers = _worker()
-        order = sorted(self.shard_set.shard_samples.items())
-        pieces = eval_pieces(order, self.rank, self.world_size, num_workers, worker)
-        errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors)
-        batch: list[tuple[Sample, Tensor, Tensor | None]] = []
-        for raw in read_pieces(pieces, errors):
-            try:
-                s = decode_sample(raw, self.shard_set.has_labels, self.shard_set.num_classes)
-            except ShardError as e:
-                errors.handle(e)
-                continue
-            batch.append((s, *self.transform(s.image, s.mask)))
-            if len(batch) == self.cfg.eval_batch_size:
-                yield self._collate(batch, errors.count, worker)
-                batch = []
-        if batch:
-            yield self._collate(batch, errors.count, worker)
-
-    def _collate(
-        self, batch: list[tuple[Sample, Tensor, Tensor | None]], skipped: int, worker: int
-    ) -> EvalBatch:
-        masks = [m for _, _, m in batch if m is not None] if self.shard_set.has_labels else None
-        images, masks_t = pad_batch([im for _, im, _ in batch], masks, self.size_divisor, self.min_size)
-        return EvalBatch(
-            images,
-            masks_t,
-            [s.key for s, _, _ in batch],
-            [(int(im.shape[-2]), int(im.shape[-1])) for _, im, _ in batch],
-            [(int(s.image.shape[-2]), int(s.image.shape[-1])) for s, _, _ in batch],
-            [s.meta for s, _, _ in batch],
-            skipped,
-            worker,
-        )
-
-
-class EvalLoader:
-    """Each sample of the shards exactly once across ranks; ranks may get different numbers of batches."""
-
-    def __init__(self, cfg: DataConfig, dataset: _EvalStream, shard_set: ShardSet):
-        self.shard_set = shard_set
-        n, r, w = shard_set.total_samples, dataset.rank, dataset.world_size
-        self.num_samples = (r + 1) * n // w - r * n // w  # on this rank
-        self.max_errors = cfg.max_errors
-        self._last_pass: dict[int, int] = {}
-        self._skipped: int | None = None
-        self.loader = _dataloader(cfg, dataset)
-
-    @property
-    def skipped(self) -> int:
-        """Samples skipped (on_error=skip) in the latest pass on this rank."""
-        return self._skipped if self._skipped is not None else sum(self._last_pass.values())
-
-    def __iter__(self) -> Iterator[EvalBatch]:
-        self._last_pass, self._skipped, seen = {}, None, 0
-        for batch in self.loader:
-            self._last_pass[batch.worker] = batch.skipped
-            if self.skipped > self.max_errors:
-                raise ShardError(
-                    f"{self.skipped} eval samples skipped, more than data.max_errors={self.max_errors}"
-                )
-            seen += len(batch.keys)
-            yield batch
-        self._skipped = self.num_samples - seen  # exact, also for skips after a worker's last batch
-
-
-def build_eval_loader(
-    cfg: DataConfig, rank: int, world_size: int, size_divisor: int, min_size: int, shards: str | None = None
-) -> EvalLoader:
-    spec = shards if shards is not None else cfg.val_shards
-    if not spec:
-        raise ValueError("config key data.val_shards is not set")
-    shard_set = resolve_shards(spec)
-    return EvalLoader(cfg, _EvalStream(cfg, shard_set, rank, world_size, size_divisor, min_size), shard_set)

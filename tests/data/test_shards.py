@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from tiny_shards import cfg, epoch_keys, rewrite_member, tar_keys
 
-from dist_seg.data.stream import ShardError, build_eval_loader, build_train_loader, resolve_shards
+from dist_seg.data.eval_stream import build_eval_loader
+from dist_seg.data.stream import ShardError, build_train_loader, resolve_shards
 
 
 @pytest.fixture(scope="module")

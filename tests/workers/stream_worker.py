@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from dist_seg.config import DataConfig
-from dist_seg.data.stream import build_eval_loader, build_train_loader
+from dist_seg.data.eval_stream import build_eval_loader
+from dist_seg.data.stream import build_train_loader
 
 
 def main() -> None:
