@@ -20,7 +20,8 @@ from typing import Any
 
 from dist_seg import distributed as D
 from dist_seg.checkpoint import load_for_inference
-from dist_seg.config import Config, load_config
+from dist_seg.config import Config
+from dist_seg.config_loading import load_config
 from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.data.shards import dataset_classes
 from dist_seg.engine import compute_confusion

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_seg.config import Config, load_config
+from dist_seg.config import Config
+from dist_seg.config_loading import load_config
 from dist_seg.data.manifest import manifest_dir, read_manifest
 from dist_seg.models import build_model, padded_side
 from dist_seg.optim import ParamGroupSummary, build_optimizer, format_groups

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from dist_seg import distributed as D
 from dist_seg.checkpoint import load_for_inference
-from dist_seg.config import Config, load_config
+from dist_seg.config import Config
+from dist_seg.config_loading import load_config
 from dist_seg.data.transforms import denormalize, padded_size
 from dist_seg.models import input_constraints
 from dist_seg.precision import AMP_DTYPES, autocast

@@ -18,7 +18,8 @@ import warnings
 
 from dist_seg import distributed as D
 from dist_seg import faults
-from dist_seg.config import load_config, to_yaml
+from dist_seg.config import to_yaml
+from dist_seg.config_loading import load_config
 from dist_seg.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest, parse_signals, write_marker
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from launch_utils import REPO
 
-from dist_seg.config import Config, load_config, save_config
+from dist_seg.config import Config, save_config
+from dist_seg.config_loading import load_config
 from dist_seg.config_reference import reference_markdown
 
 
@@ -72,9 +73,9 @@ def test_readme_documents_every_key() -> None:
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from dist_seg.config import _CHOICES
+    from dist_seg.config import CHOICES
 
-    return _CHOICES
+    return CHOICES
 
 
 @pytest.mark.parametrize("key", sorted(_choices()))

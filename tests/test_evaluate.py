@@ -14,7 +14,7 @@ from PIL import Image
 from dist_seg import distributed as D
 from dist_seg import evaluate
 from dist_seg.checkpoint import load_for_inference
-from dist_seg.config import load_config
+from dist_seg.config_loading import load_config
 from dist_seg.data.coco import load_coco
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.predict import PredictOptions, run_predict

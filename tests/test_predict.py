@@ -19,7 +19,8 @@ from torch import nn
 from dist_seg import distributed as D
 from dist_seg import predict
 from dist_seg.checkpoint import save_checkpoint
-from dist_seg.config import load_config, to_dict
+from dist_seg.config import to_dict
+from dist_seg.config_loading import load_config
 from dist_seg.data.coco import build_class_map, load_coco
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.models import build_model

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dist_seg import distributed as D
-from dist_seg.config import load_config
+from dist_seg.config_loading import load_config
 from dist_seg.evaluate import evaluate_checkpoint
 from dist_seg.predict import PredictOptions, run_predict
 
