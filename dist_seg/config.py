@@ -26,7 +26,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 class DataConfig:
     train_shards: str | None = None
     """Shard directory (with manifest.json), several joined by commas, or a brace pattern
-    `dir/shard-{000000..000009}.tar` (the manifest is read from the pattern's directory)."""
+    `dir/shard-{000000..000009}.tar` (the manifest is read from the pattern's directory); each may be a URL
+    (`https://...`, `s3://bucket/prefix`, any fsspec protocol) instead of a local path."""
     val_shards: str | None = None
     """Same forms as `train_shards`; evaluated exactly once per sample across all ranks."""
     crop_size: int = 512
@@ -60,6 +61,16 @@ class DataConfig:
     """`raise`: a corrupt sample stops the run naming shard and key; `skip`: drop it, count it, warn."""
     max_errors: int = 100
     """With on_error=skip, raise after this many skipped samples on one rank."""
+    remote_retries: int = 5
+    """Shards at URLs: retries of a transient fault (connection reset, timeout, HTTP 5xx) per request, with
+    exponential backoff from 0.5 s; then the read fails as corrupt data does (see on_error)."""
+    remote_timeout_s: float = 60.0
+    """Shards at URLs: seconds a connection or a read may stall before it counts as a transient fault."""
+    cache_dir: str | None = None
+    """Shards at URLs: a local directory caching whole shards, named by sha256 and checked against the
+    manifest before use; shared safely by the ranks and workers of one machine. null reads ranges directly."""
+    cache_max_gb: float = 100.0
+    """Size bound of data.cache_dir: least recently used shards are deleted beyond it."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
     persistent_workers: bool = True
@@ -239,6 +250,11 @@ def validate(cfg: Config) -> Config:
             f"config keys data.scale_min={cfg.data.scale_min}, data.scale_max={cfg.data.scale_max}: "
             "need 0 < scale_min <= scale_max"
         )
+    if cfg.data.remote_retries < 0:
+        raise ValueError(f"config key data.remote_retries={cfg.data.remote_retries}: must be >= 0")
+    for key in ("data.remote_timeout_s", "data.cache_max_gb"):
+        if _get(cfg, key) <= 0:
+            raise ValueError(f"config key {key}={_get(cfg, key)!r}: must be > 0")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ValueError("config keys data.mean and data.std need 3 values (RGB)")
     if cfg.model.width_mult <= 0:

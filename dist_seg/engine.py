@@ -27,6 +27,7 @@ from dist_seg.checkpoint import (
 )
 from dist_seg.config import Config, save_config, to_yaml
 from dist_seg.data.eval_stream import build_eval_loader
+from dist_seg.data.remote import RemoteOptions
 from dist_seg.data.shards import ShardSet, dataset_classes
 from dist_seg.data.stream import TrainLoader, build_train_loader
 from dist_seg.data.transforms import padded_size
@@ -184,7 +185,9 @@ def _save(
 
 def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoader, Plan]:
     """Model, optimizer, scheduler, scaler, loss, the train loader and the plan, ready to step."""
-    shard_set = dataset_classes(cfg.data.train_shards, cfg.model.num_classes)
+    shard_set = dataset_classes(
+        cfg.data.train_shards, cfg.model.num_classes, RemoteOptions.from_config(cfg.data)
+    )
     num_classes = shard_set.num_classes
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, num_classes).to(world.device)
@@ -308,7 +311,7 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
             faults.record_keys(state.step + 1, world.rank, batches)
             out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
             state.record_step(out_step, cfg.train.max_nonfinite)
-            progress.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped)
+            progress.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped, loader.remote_retries)
             if plan.should_log(state.step):
                 progress.log(state.step, state.epoch, ctx.optimizer)
             epoch_done = plan.epoch_done(state)

@@ -23,6 +23,7 @@ from dist_seg.checkpoint import load_for_inference
 from dist_seg.config import Config
 from dist_seg.config_loading import load_config
 from dist_seg.data.eval_stream import build_eval_loader
+from dist_seg.data.remote import RemoteOptions
 from dist_seg.data.shards import dataset_classes
 from dist_seg.engine import compute_confusion
 from dist_seg.metrics import to_jsonable
@@ -45,7 +46,7 @@ def evaluate_checkpoint(
     spec = shards or cfg.data.val_shards
     if not spec:
         raise ValueError("nothing to evaluate: set config key data.val_shards or pass --shards")
-    shard_set = dataset_classes(spec, cfg.model.num_classes)
+    shard_set = dataset_classes(spec, cfg.model.num_classes, RemoteOptions.from_config(cfg.data))
     num_classes, shard_names = shard_set.num_classes, shard_set.class_names
     if not shard_set.has_labels:
         raise ValueError(f"shards {spec} have no label maps (a test split?): use `dist-seg predict` instead")

@@ -29,10 +29,12 @@ class Window:
     def reset(self) -> None:
         self.n = self.updates = 0
         self.loss = self.grad_norm = self.wait = self.time = 0.0
-        self.scale, self.skipped_samples = 1.0, 0
+        self.scale, self.skipped_samples, self.remote_retries = 1.0, 0, 0
         self.t0 = time.perf_counter()
 
-    def add(self, o: StepResult, wait: float, dt: float, skipped_samples: int) -> None:
+    def add(
+        self, o: StepResult, wait: float, dt: float, skipped_samples: int, remote_retries: int = 0
+    ) -> None:
         self.n += 1
         if not o.skipped:
             self.updates += 1
@@ -41,6 +43,7 @@ class Window:
         self.wait += wait
         self.time += dt
         self.scale, self.skipped_samples = o.loss_scale, skipped_samples
+        self.remote_retries = remote_retries  # running totals, like skipped_samples
 
 
 class Progress:
@@ -52,8 +55,10 @@ class Progress:
         self.window = Window()
         self.t_start = time.perf_counter()
 
-    def add(self, o: StepResult, wait: float, dt: float, skipped_samples: int) -> None:
-        self.window.add(o, wait, dt, skipped_samples)
+    def add(
+        self, o: StepResult, wait: float, dt: float, skipped_samples: int, remote_retries: int = 0
+    ) -> None:
+        self.window.add(o, wait, dt, skipped_samples, remote_retries)
 
     def log(self, step: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         """TensorBoard scalars and one progress line for the steps since the last call (a collective: every
@@ -63,6 +68,7 @@ class Progress:
         # averages over the steps that updated the weights; NaN when every step of the window was skipped
         loss = D.mean_across_ranks(w.loss / w.updates if w.updates else math.nan, world.device)
         skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), world.device) * world.world_size))
+        retries = int(round(D.mean_across_ranks(float(w.remote_retries), world.device) * world.world_size))
         elapsed = time.perf_counter() - w.t0
         ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * world.world_size / max(elapsed, 1e-9)
         values = {
@@ -72,6 +78,7 @@ class Progress:
             "train/images_per_s": ips,
             "train/data_wait_frac": w.wait / max(w.time, 1e-9),
             "train/skipped_samples": skipped,
+            "train/remote_retries": retries,  # transient network faults retried, all ranks, since the start
         }
         for g in optimizer.param_groups:
             values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
@@ -84,7 +91,8 @@ class Progress:
         if world.is_main:
             print(
                 f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
-                f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {hms(eta)}",
+                f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {hms(eta)}"
+                + (f" remote_retries {retries}" if retries else ""),
                 flush=True,
             )
         w.reset()

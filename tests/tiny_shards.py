@@ -16,6 +16,7 @@ from PIL import Image
 
 from dist_seg.config import DataConfig
 from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.data.shard_writer import write_index
 
 
 def make_coco(root: Path, ids: list[int], categories: tuple[str, ...] = ("cat", "dog")) -> tuple[Path, Path]:
@@ -67,8 +68,24 @@ def tar_keys(shard_dir: Path) -> list[str]:
     return keys
 
 
+def sample_ranges(shard: Path) -> list[tuple[str, int, int]]:
+    """(key, first byte, end byte) of every sample of a tar, from its headers (independent of the converter's
+    index): a sample runs from its first member's header to the padded end of its last member's data."""
+    ranges: list[tuple[str, int, int]] = []
+    with tarfile.open(shard) as tar:
+        for m in tar:
+            key = m.name.split(".", 1)[0]
+            end = m.offset_data + (m.size + 511) // 512 * 512
+            if ranges and ranges[-1][0] == key:
+                ranges[-1] = (key, ranges[-1][1], end)
+            else:
+                ranges.append((key, m.offset, end))
+    return ranges
+
+
 def rewrite_member(shard: Path, edit: Callable[[str, bytes], list[tuple[str, bytes]]]) -> None:
-    """Rewrite a shard member by member through `edit`, keeping the manifest's byte count and sha256 true."""
+    """Rewrite a shard member by member through `edit`, keeping the manifest's byte count and sha256, and the
+    shard's index, true."""
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -77,12 +94,15 @@ def rewrite_member(shard: Path, edit: Callable[[str, bytes], list[tuple[str, byt
                 ti = tarfile.TarInfo(new_name)
                 ti.size = len(new_data)
                 tar.addfile(ti, io.BytesIO(new_data))
+    ranges = sample_ranges(shard)
+    index = write_index(shard, [lo for _, lo, _ in ranges] + [ranges[-1][2]] if ranges else [0])
     manifest_path = shard.parent / "manifest.json"
     m = json.loads(manifest_path.read_text())
     for s in m["shards"]:
         if s["name"] == shard.name:
             s["bytes"] = shard.stat().st_size
             s["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+            s["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()
     manifest_path.write_text(json.dumps(m))
 
 

@@ -15,7 +15,8 @@ import io
 import json
 import sys
 import tarfile
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ from dist_seg.data.coco import (
     load_coco,
 )
 from dist_seg.data.images import read_image
-from dist_seg.data.manifest import FORMAT, FORMAT_VERSION, write_manifest
+from dist_seg.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, write_manifest
 from dist_seg.data.pool import ordered_map
 from dist_seg.data.raster import class_count, decode_instances, instance_count, rasterise
+from dist_seg.data.remote import RemoteOptions, check_url, is_url, local_path, publish
 from dist_seg.data.shard_writer import fixed_tarinfo, plan_shard_counts, split_staging
 from dist_seg.progress import progress
 
@@ -134,7 +136,16 @@ class _Stats:
 
 
 def convert(opts: ConvertOptions) -> dict[str, Any]:
-    """Convert and return the manifest (also written to OUT/manifest.json)."""
+    """Convert and return the manifest (also written to OUT/manifest.json). An fsspec URL as OUT
+    (`s3://bucket/prefix`, ...) is written locally first, then uploaded with its manifest last."""
+    if is_url(opts.out):
+        check_url(opts.out, "--out")
+        with tempfile.TemporaryDirectory(prefix="dist-seg-convert-") as tmp:
+            manifest = convert(replace(opts, out=tmp))
+            names = [n for s in manifest["shards"] for n in (s["name"], s["index"])]
+            publish(Path(tmp), opts.out, names, MANIFEST_NAME, RemoteOptions())
+        return manifest
+    opts = replace(opts, out=local_path(opts.out))
     if opts.overlap not in OVERLAP_POLICIES:
         raise ValueError(f"--overlap {opts.overlap!r}: choose from {', '.join(OVERLAP_POLICIES)}")
     if opts.crowd not in CROWD_POLICIES:
@@ -151,7 +162,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("shard-*.tar"):
+    for old in [*out.glob("shard-*.tar"), *out.glob("shard-*.idx.json")]:
         old.unlink()  # a previous conversion with more shards must not leave stale ones behind
     staging = out / _STAGING
     stats = _Stats(class_map.num_classes)
@@ -250,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-seg convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--coco", required=True, help="COCO instances json")
     p.add_argument("--images", required=True, help="directory the json's file_name entries are relative to")
-    p.add_argument("--out", required=True, help="output directory for shard-NNNNNN.tar and manifest.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory for shard-NNNNNN.tar, their indexes and manifest.json; or an fsspec URL "
+        "(s3://bucket/prefix, gs://..., with credentials from the protocol's usual sources) to upload them to",
+    )
     p.add_argument(
         "--overlap", default="area", choices=OVERLAP_POLICIES, help="how overlapping instances are resolved"
     )
@@ -300,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         m = convert(opts)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an upload that failed after its retries
         print(f"dist-seg convert: error: {e}", file=sys.stderr)
         return 1
     size = sum(s["bytes"] for s in m["shards"]) / 1e6

@@ -3,7 +3,7 @@
 Shards in sorted order; rank r takes samples [r*N//W, (r+1)*N//W) and its workers split that range, so each
 sample is seen exactly once across ranks for any shard count and world size. Images keep their size (or
 data.eval_resize), padded bottom/right to the model's input constraints within a batch; masks are padded with
-255. Reading and decoding live in dist_seg.data.shards, the error policy too.
+255. Reading and decoding live in dist_seg.data.shard_read, the error policy too.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from torch.utils.data import IterableDataset
 
 from dist_seg.config import DataConfig
 from dist_seg.data.plan import eval_pieces
-from dist_seg.data.shards import (
+from dist_seg.data.remote import RemoteOptions
+from dist_seg.data.shard_read import (
     ErrorPolicy,
     Sample,
-    ShardError,
-    ShardSet,
+    ShardReader,
     decode_sample,
-    read_pieces,
-    resolve_shards,
 )
+from dist_seg.data.shards import ShardError, ShardSet, resolve_shards
 from dist_seg.data.transforms import EvalTransform, pad_batch
 from dist_seg.data.workers import make_dataloader, worker_slot
 
@@ -61,6 +60,7 @@ class _EvalStream(IterableDataset):
         self.cfg, self.shard_set, self.rank, self.world_size = cfg, shard_set, rank, world_size
         self.size_divisor, self.min_size = size_divisor, min_size
         self.transform = EvalTransform(cfg)
+        self.reader = ShardReader(shard_set, RemoteOptions.from_config(cfg))
 
     def __iter__(self) -> Iterator[EvalBatch]:
         worker, num_workers = worker_slot()
@@ -68,7 +68,7 @@ class _EvalStream(IterableDataset):
         pieces = eval_pieces(order, self.rank, self.world_size, num_workers, worker)
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors)
         batch: list[tuple[Sample, Tensor, Tensor | None]] = []
-        for raw in read_pieces(pieces, errors):
+        for raw in self.reader.read_pieces(pieces, errors):
             try:
                 s = decode_sample(raw, self.shard_set.has_labels, self.shard_set.num_classes)
             except ShardError as e:
@@ -134,5 +134,5 @@ def build_eval_loader(
     spec = shards if shards is not None else cfg.val_shards
     if not spec:
         raise ValueError("config key data.val_shards is not set")
-    shard_set = resolve_shards(spec)
+    shard_set = resolve_shards(spec, RemoteOptions.from_config(cfg))
     return EvalLoader(cfg, _EvalStream(cfg, shard_set, rank, world_size, size_divisor, min_size), shard_set)

@@ -2,7 +2,7 @@
 
 The converter writes it (`write_manifest`); every reader (shard lists, `dist-seg info`) reads it through
 `read_manifest`, which refuses a file that is missing, not a dist_seg manifest, or of another format version,
-naming the path. Only json and pathlib here: loader workers import this module.
+naming the path. Only json, pathlib and the URL helpers here: loader workers import this module.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dist_seg.data.remote import RemoteOptions, is_url, join, local_path, parent, read_bytes, redact
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dist_seg.shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard has an index (sample byte offsets and digests) for ranged reads
+READABLE_VERSIONS = (1, 2)  # version 1 directories read as before; over a URL they are streamed from byte 0
 
 
 def write_manifest(shard_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -26,28 +29,45 @@ def write_manifest(shard_dir: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Load SHARD_DIR/manifest.json; ValueError naming the path when it is missing or not a dist_seg manifest."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"no {MANIFEST_NAME} in {shard_dir} (convert the dataset with `dist-seg convert` first)"
-        )
+def read_manifest(shard_dir: str | Path, remote: RemoteOptions | None = None) -> dict[str, Any]:
+    """Load SHARD_DIR/manifest.json (SHARD_DIR a local directory or a URL); ValueError naming the path when it
+    is missing or not a dist_seg manifest of a version this code reads."""
+    where = str(shard_dir)
+    if is_url(where):
+        path = join(where, MANIFEST_NAME)
+        try:
+            text = read_bytes(path, remote or RemoteOptions()).decode()
+        except FileNotFoundError:
+            raise ValueError(
+                f"no {MANIFEST_NAME} at {redact(path)} (upload the dataset with `dist-seg convert --out URL`)"
+            ) from None
+        shown = redact(path)
+    else:
+        local = Path(shard_dir) / MANIFEST_NAME
+        if not local.is_file():
+            raise ValueError(
+                f"no {MANIFEST_NAME} in {shard_dir} (convert the dataset with `dist-seg convert` first)"
+            )
+        text, shown = local.read_text(), str(local)
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid json ({e})") from e
+        raise ValueError(f"{shown} is not valid json ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dist_seg shard manifest")
-    if m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{shown} is not a dist_seg shard manifest")
+    if m.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path}: format_version {m.get('format_version')} but this dist_seg reads {FORMAT_VERSION}"
+            f"{shown}: format_version {m.get('format_version')} but this dist_seg reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return m
 
 
-def manifest_dir(spec: str) -> Path:
-    """The directory whose manifest describes the first source of a shard spec (a directory, a comma list of
-    them, or a brace pattern of tars in one directory)."""
-    first = Path(spec.split(",")[0].strip())
-    return first if first.is_dir() else first.parent
+def manifest_dir(spec: str) -> str:
+    """The directory (or URL) whose manifest describes the first source of a shard spec (a directory, a comma
+    list of them, or a brace pattern of tars in one directory)."""
+    first = spec.split(",")[0].strip()
+    if is_url(first):
+        return parent(first) if first.endswith(".tar") or "{" in first else first.rstrip("/")
+    first = local_path(first)
+    return first if os.path.isdir(first) else os.path.dirname(first) or "."

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dist_seg.data.shards import Piece
+from dist_seg.data.shard_read import Piece
 
 # keep the seed streams apart: shard order, augmentation, offset, window order, re-use of a good sample
 TAG_SHARDS, TAG_AUG, TAG_OFFSET, TAG_WINDOW, TAG_REFILL = 1, 2, 3, 4, 5

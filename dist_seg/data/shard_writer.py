@@ -1,8 +1,10 @@
-"""Writing shards: fixed tar metadata, near-equal shard sizes, and the split of the converter's staging tar."""
+"""Writing shards: fixed tar metadata, near-equal shard sizes, the split of the converter's staging tar, and
+each shard's index (where every sample starts, and its sha256) for ranged reads over the network."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tarfile
 from pathlib import Path
@@ -36,29 +38,57 @@ def plan_shard_counts(
 
 
 def split_staging(staging: Path, out: Path, counts: list[int]) -> list[dict[str, Any]]:
-    """Copy the staging tar's samples, in order, into shard-NNNNNN.tar files of the given sample counts."""
+    """Copy the staging tar's samples, in order, into shard-NNNNNN.tar files of the given sample counts, each
+    with its index shard-NNNNNN.idx.json; returns the manifest's shard entries."""
     shards = []
     with tarfile.open(staging, "r") as src:
         members = iter(src)
         pending = next(members, None)
         for i, count in enumerate(counts):
             name = f"shard-{i:06d}.tar"
+            offsets = []
             with tarfile.open(out / name, "w", format=tarfile.GNU_FORMAT) as dst:
                 for _ in range(count):
                     assert pending is not None
                     key = pending.name.split(".", 1)[0]
+                    offsets.append(dst.offset)
                     while pending is not None and pending.name.split(".", 1)[0] == key:
                         dst.addfile(pending, src.extractfile(pending))
                         pending = next(members, None)
+                offsets.append(dst.offset)  # the end of the last sample; the tar's end blocks follow
+            index = write_index(out / name, offsets)
             shards.append(
                 {
                     "name": name,
                     "samples": count,
                     "bytes": (out / name).stat().st_size,
                     "sha256": sha256_file(out / name),
+                    "index": index.name,
+                    "index_sha256": sha256_file(index),
                 }
             )
     return shards
+
+
+INDEX_FORMAT = "dist_seg.shard_index"
+
+
+def index_name(shard_name: str) -> str:
+    return shard_name.removesuffix(".tar") + ".idx.json"
+
+
+def write_index(shard: Path, offsets: list[int]) -> Path:
+    """SHARD's index: sample i is bytes offsets[i]..offsets[i+1] of the tar (its headers and data), with that
+    range's sha256, so a reader can fetch any run of samples with one ranged read and check every byte."""
+    digests = []
+    with open(shard, "rb") as f:
+        for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
+            f.seek(lo)
+            digests.append(hashlib.sha256(f.read(hi - lo)).hexdigest())
+    path = shard.with_name(index_name(shard.name))
+    doc = {"format": INDEX_FORMAT, "shard": shard.name, "offsets": offsets, "sha256": digests}
+    path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    return path
 
 
 def sha256_file(path: Path) -> str:

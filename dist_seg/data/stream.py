@@ -26,7 +26,7 @@ that lost samples re-decodes (with fresh augmentation) one of its last good samp
 case where an image can appear twice in an epoch. Counts travel with the batches (`TrainBatch.skipped`, per
 worker and epoch) and `TrainLoader.skipped` sums them for the rank.
 
-Evaluation loading is dist_seg.data.eval_stream. Reading and decoding (only jpg/png/json members, never unpickling) live in `dist_seg.data.shards`.
+Evaluation loading is dist_seg.data.eval_stream. Reading and decoding (only jpg/png/json members, never unpickling) live in `dist_seg.data.shard_read`.
 """
 
 from __future__ import annotations
@@ -61,17 +61,16 @@ from dist_seg.data.plan import (
     sequence,
     span,
 )
-from dist_seg.data.shards import (
+from dist_seg.data.remote import RemoteOptions, retry_count
+from dist_seg.data.shard_read import (
     ErrorPolicy,
     Piece,
     RawSample,
     Sample,
-    ShardError,
-    ShardSet,
+    ShardReader,
     decode_sample,
-    read_pieces,
-    resolve_shards,
 )
+from dist_seg.data.shards import ShardError, ShardSet, resolve_shards
 from dist_seg.data.transforms import TrainTransform
 from dist_seg.data.workers import make_dataloader, worker_slot
 
@@ -97,6 +96,7 @@ class TrainBatch:
     keys: list[str]
     skipped: int  # samples this worker has skipped so far in this epoch
     worker: int
+    retries: int = 0  # transient network faults this worker has retried so far in this pass
 
     def pin_memory(self) -> TrainBatch:  # DataLoader(pin_memory=True) calls this
         return dataclasses.replace(self, images=self.images.pin_memory(), masks=self.masks.pin_memory())
@@ -122,6 +122,7 @@ class _TrainStream(IterableDataset):
             world_size, cfg.batch_size, max(1, cfg.num_workers), max(1, cfg.shuffle_buffer)
         )
         self.transform = TrainTransform(cfg)
+        self.reader = ShardReader(shard_set, RemoteOptions.from_config(cfg))
         self.base = id_base(shard_set.shard_samples)
         # persistent workers keep their own copy of this object: the position and prior skips reach them
         # through shared memory, set by TrainLoader before each pass (the consumed ids of a re-planned
@@ -153,6 +154,7 @@ class _TrainStream(IterableDataset):
         pieces = span(self.runs(epoch), steps, b, self.rank, num_workers, role)
         seeds = (self.seed, epoch, segment, self.rank, role)
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors, self.skipped_before.value)
+        retries_before = retry_count()
         samples = self._samples(pieces, done * b, (n_batches - done) * b, seeds, errors)
         for _ in range(n_batches - done):
             images, masks = (
@@ -167,7 +169,7 @@ class _TrainStream(IterableDataset):
                 rng = random.Random(derive_seed(TAG_AUG, self.seed, epoch, sample_id))
                 self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
                 keys.append(s.key)
-            yield TrainBatch(images, masks, keys, errors.count, worker)
+            yield TrainBatch(images, masks, keys, errors.count, worker, retry_count() - retries_before)
 
     def _samples(
         self, pieces: list[Piece], start: int, quota: int, seeds: tuple[int, ...], errors: ErrorPolicy
@@ -183,7 +185,7 @@ class _TrainStream(IterableDataset):
             if pos // window != loaded_window:  # read the window's samples that are still to come
                 loaded_window, lo = pos // window, pos // window * window
                 loaded = {}
-                for raw in read_pieces(cut_runs(pieces, lo, min(lo + window, len(ids))), errors):
+                for raw in self.reader.read_pieces(cut_runs(pieces, lo, min(lo + window, len(ids))), errors):
                     loaded[by_id[self.base[raw.shard] + raw.index]] = raw
             raw = loaded.pop(pos, None)
             if raw is None:  # lost to a damaged tar (counted by read_pieces)
@@ -237,8 +239,9 @@ class TrainLoader:
         self.cfg, self.dataset, self.shard_set = cfg, dataset, shard_set
         self.steps_per_epoch = steps
         self.position = DataPosition()
-        self._skipped_before = 0
+        self._skipped_before = self._retries_before = 0
         self._pass_skipped: dict[int, int] = {}
+        self._pass_retries: dict[int, int] = {}
         self.loader = make_dataloader(cfg, dataset)
 
     @property
@@ -266,8 +269,14 @@ class TrainLoader:
     def skipped(self) -> int:
         return self._skipped_before + sum(self._pass_skipped.values())
 
+    @property
+    def remote_retries(self) -> int:
+        """Transient network faults this rank's workers have retried, over all passes."""
+        return self._retries_before + sum(self._pass_retries.values())
+
     def __iter__(self) -> Iterator[TrainBatch]:
         self._skipped_before, self._pass_skipped = self.skipped, {}
+        self._retries_before, self._pass_retries = self.remote_retries, {}
         p, expected = self.position, self.pass_steps()
         # before iter(): workers read them when the pass starts
         self.dataset.epoch.value, self.dataset.segment.value = p.epoch, p.segment
@@ -276,6 +285,7 @@ class TrainLoader:
         n = 0
         for batch in self.loader:
             self._pass_skipped[batch.worker] = batch.skipped
+            self._pass_retries[batch.worker] = batch.retries
             if self.skipped > self.cfg.max_errors:
                 raise ShardError(
                     f"{self.skipped} samples skipped on this rank, more than data.max_errors={self.cfg.max_errors}"
@@ -289,7 +299,7 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, epoch: int = 0) -> TrainLoader:
     if not cfg.train_shards:
         raise ValueError("config key data.train_shards is not set")
-    shard_set = resolve_shards(cfg.train_shards)
+    shard_set = resolve_shards(cfg.train_shards, RemoteOptions.from_config(cfg))
     if not shard_set.has_labels:
         raise ValueError(
             f"data.train_shards={cfg.train_shards}: these shards have no label maps (a test split?)"

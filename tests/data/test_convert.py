@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -14,6 +15,7 @@ from coco_fixtures import good_coco, jpeg, run_convert
 from conftest import decode_png, read_shards, reference_mask, shared_dataset
 from PIL import Image
 from pycocotools import mask as mask_utils
+from tiny_shards import sample_ranges
 
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.data.manifest import read_manifest
@@ -234,3 +236,37 @@ def test_min_shards_and_crowd_policies(tmp_path: Path) -> None:
         run_convert(tmp_path, coco, crowd=policy)
         label = decode_png(read_shards(tmp_path / "out")["000000000001"]["seg.png"])
         assert label[25, 35] == value, policy
+
+
+def test_shard_index_locates_every_sample_and_its_digest(tiny_shards) -> None:
+    """The index a ranged reader trusts: sample i is exactly bytes offsets[i]..offsets[i+1] of the tar (checked
+    against the tar's own headers), that range hashes to sha256[i], and the manifest holds the index's hash."""
+    shard_dir = tiny_shards["train4"]
+    m = read_manifest(shard_dir)
+    assert m["format_version"] == 2
+    for s in m["shards"]:
+        shard, index_path = shard_dir / s["name"], shard_dir / s["index"]
+        index = json.loads(index_path.read_text())
+        ranges = sample_ranges(shard)
+        assert len(ranges) == s["samples"]
+        assert index["offsets"] == [lo for _, lo, _ in ranges] + [ranges[-1][2]]
+        data = shard.read_bytes()
+        assert [hashlib.sha256(data[lo:hi]).hexdigest() for _, lo, hi in ranges] == index["sha256"]
+        assert hashlib.sha256(index_path.read_bytes()).hexdigest() == s["index_sha256"]
+
+
+def test_shards_are_webdataset_shards(tiny_shards) -> None:
+    """webdataset itself reads our shards: the same keys and member bytes as the tars hold, in order."""
+    import webdataset as wds
+
+    shard_dir = tiny_shards["train4"]
+    urls = [str(p) for p in sorted(shard_dir.glob("shard-*.tar"))]
+    got = [
+        (s["__key__"], s["jpg"], s["seg.png"], json.loads(s["json"]))
+        for s in wds.WebDataset(urls, shardshuffle=False)
+    ]
+    want = read_shards(shard_dir)
+    assert [k for k, *_ in got] == list(want)
+    for key, jpg, seg, meta in got:
+        assert jpg == want[key]["jpg"] and seg == want[key]["seg.png"]
+        assert meta == json.loads(want[key]["json"])
