@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from dist_seg.config import DataConfig  # noqa: E402
 from dist_seg.data.convert import ConvertOptions, convert  # noqa: E402
-from dist_seg.data.shards import read_samples, resolve_shards  # noqa: E402
+from dist_seg.data.shard_read import read_samples  # noqa: E402
+from dist_seg.data.shards import resolve_shards  # noqa: E402
 from dist_seg.data.stream import build_train_loader  # noqa: E402
 from dist_seg.data.transforms import TrainTransform  # noqa: E402
 

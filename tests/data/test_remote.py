@@ -298,3 +298,38 @@ def test_two_process_torchrun_trains_and_evaluates_from_http(server, tiny_shards
         for n, k in (("train4", 4), ("eval5", 5))
         for i in range(k)
     }
+    # evaluate and predict take the same URLs as the trainer, from the command line
+    cli = [sys.executable, "-m", "dist_seg.cli"]
+    common = ["--config", str(REPO / "configs/cpu_small.yaml"), "--checkpoint", str(out / "last.pt")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ev = tmp_path / "eval"
+    r = subprocess.run(
+        [*cli, "evaluate", *common, "--shards", url(server, tiny_shards, "eval1"), "--out", str(ev)]
+        + ["data.crop_size=32", "model.name=fcn8s"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((ev / "metrics.json").read_text())["num_images"] == 23
+    pred = tmp_path / "pred"
+    r = subprocess.run(
+        [
+            *cli,
+            "predict",
+            *common,
+            "--shards",
+            url(server, tiny_shards, "test"),
+            "--out",
+            str(pred),
+            "--quiet",
+        ]
+        + ["data.crop_size=32", "model.name=fcn8s"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list(pred.glob("*.png"))) == 7

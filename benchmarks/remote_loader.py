@@ -1,0 +1,117 @@
+"""Training-loader throughput from local shards vs the same shards over HTTP (loopback) vs a warm local cache.
+
+    python benchmarks/remote_loader.py                      # ../shared/data/trashcan_subset (train, 240 images)
+    python benchmarks/remote_loader.py --dataset synth      # 200 synthetic 512x512 images (dist-seg synth)
+    python benchmarks/remote_loader.py --passes 5 --crop 512
+
+One process, one torch thread, data.num_workers=0: the figures are what one loader worker delivers. The HTTP
+server (tests/servers.py: Range requests, no faults) runs on 127.0.0.1 in a thread of this process, so its
+cost is in the measurement too, as a co-located object-store gateway's would be. Each pass reads one epoch of
+the training loader (plan, ranged reads or tar seeks, per-sample sha256 check over HTTP, decode, the training
+transforms, batching); passes of the three sources are interleaved and the best wall-clock rate of each is
+kept. `--no-transform` drops the transforms, which makes the I/O share (and any overhead) largest.
+The last line is machine-readable: http_vs_local=... cache_vs_local=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from servers import ShardServer  # noqa: E402
+
+from dist_seg.config import DataConfig  # noqa: E402
+from dist_seg.data.convert import ConvertOptions, convert  # noqa: E402
+from dist_seg.data.stream import build_train_loader  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+class _NoTransform:
+    def apply(self, image, mask, rng, out, out_mask) -> None:
+        pass
+
+
+def one_pass(cfg: DataConfig, transform: bool) -> tuple[int, float]:
+    loader = build_train_loader(cfg, 0, 1, seed=0)
+    if not transform:
+        loader.dataset.transform = _NoTransform()
+    t0 = time.perf_counter()
+    n = sum(len(b.keys) for b in loader)
+    return n, time.perf_counter() - t0
+
+
+def prepare(dataset: str, tmp: Path) -> Path:
+    out = tmp / "shards"
+    if dataset == "trashcan":
+        root = SHARED / "trashcan_subset"
+        if not root.is_dir():
+            raise SystemExit(f"{root} is absent: use --dataset synth")
+        ann, images = root / "annotations/instances_train.json", root / "train"
+    else:
+        subprocess.run(
+            [sys.executable, "-m", "dist_seg.cli", "synth", "--out", str(tmp / "synth"), "--images", "200"]
+            + ["--val-images", "1", "--size", "512", "--seed", "0"],
+            check=True,
+            capture_output=True,
+        )
+        ann, images = tmp / "synth" / "train.json", tmp / "synth" / "images"
+    convert(ConvertOptions(str(ann), str(images), str(out), min_shards=4, progress=False))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("trashcan", "synth"), default="trashcan")
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--no-transform", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="dist-seg-remote-bench-"))
+    try:
+        shards = prepare(a.dataset, tmp)
+        size_mb = sum(f.stat().st_size for f in shards.glob("shard-*.tar")) / 1e6
+        base = dict(batch_size=8, num_workers=0, crop_size=a.crop, shuffle_buffer=64, pin_memory=False)
+        with ShardServer(tmp) as server:
+            sources = {
+                "local": DataConfig(train_shards=str(shards), **base),
+                "http": DataConfig(train_shards=server.url("shards"), **base),
+                "cache": DataConfig(train_shards=server.url("shards"), cache_dir=str(tmp / "cache"), **base),
+            }
+            one_pass(sources["cache"], not a.no_transform)  # warm the cache
+            best = dict.fromkeys(sources, 0.0)
+            for _ in range(a.passes):
+                for name, cfg in sources.items():
+                    n, dt = one_pass(cfg, not a.no_transform)
+                    best[name] = max(best[name], n / dt)
+            fetched = sum(v for k, v in server.body_bytes.items() if k.endswith(".tar")) / 1e6
+        print(
+            f"dataset {a.dataset}: {n} samples/epoch, {size_mb:.1f} MB of shards, crop {a.crop}, transforms "
+            f"{'off' if a.no_transform else 'on'}, best of {a.passes} interleaved passes, 1 thread, "
+            f"{os.cpu_count()} cores"
+        )
+        for name, rate in best.items():
+            print(f"  {name:6s} {rate:8.1f} samples/s")
+        print(f"  HTTP bytes fetched over all passes: {fetched:.1f} MB ({fetched / size_mb:.2f}x the shards)")
+        print(
+            f"http_vs_local={best['http'] / best['local']:.3f} cache_vs_local={best['cache'] / best['local']:.3f}"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
