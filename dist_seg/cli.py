@@ -10,6 +10,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dist_seg.data.synth", "write the built-in synthetic COCO dataset"),
     "convert": ("dist_seg.data.convert", "convert a COCO instances dataset into webdataset shards"),
     "eda": ("dist_seg.data.eda", "exploratory report of a COCO dataset (overlaps, class balance)"),
+    "split": ("dist_seg.data.split", "k-fold train/val jsons, grouped by image, stratified by class"),
     "info": ("dist_seg.info", "model size, FLOPs and optimizer groups for a config"),
     "train": ("dist_seg.train", "train (prefer: torchrun --nproc_per_node=N -m dist_seg.train ...)"),
     "evaluate": ("dist_seg.evaluate", "evaluate a checkpoint on the validation shards"),
