@@ -186,6 +186,10 @@ class TrainConfig:
     """Keep this many step-stamped checkpoints besides last.pt and best.pt; 0 keeps none."""
     max_nonfinite: int = 5
     """Stop the run after this many consecutive non-finite losses."""
+    early_stop_patience: int | None = None
+    """Stop training once val mIoU has not improved for this many evaluations in a row (a checkpoint is
+    written at that step); null never stops early. Every rank sees the same all-reduced mIoU, so every rank
+    stops at the same step."""
     timeout_s: int = 600
     """Collective timeout in seconds: a dead or stalled peer ends the run with an error after this."""
     stop_signals: str = "SIGTERM,SIGUSR1"
@@ -249,6 +253,15 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             f"config keys data.scale_min={cfg.data.scale_min}, data.scale_max={cfg.data.scale_max}: "
             "need 0 < scale_min <= scale_max"
+        )
+    if cfg.train.early_stop_patience is not None and cfg.train.early_stop_patience < 1:
+        raise ValueError(
+            f"config key train.early_stop_patience={cfg.train.early_stop_patience}: must be >= 1 or null"
+        )
+    if cfg.train.early_stop_patience is not None and not cfg.data.val_shards:
+        raise ValueError(
+            f"config key train.early_stop_patience={cfg.train.early_stop_patience} needs data.val_shards: "
+            "early stopping watches the validation mIoU"
         )
     if cfg.data.remote_retries < 0:
         raise ValueError(f"config key data.remote_retries={cfg.data.remote_retries}: must be >= 0")

@@ -300,7 +300,8 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
     ctx.stop = stop
     progress = monitor.Progress(cfg, world, tb, total_steps, state.step)
     metrics: dict[str, Any] = {}
-    while state.step < total_steps:
+    patience = cfg.train.early_stop_patience
+    while state.step < total_steps and not state.patience_spent(patience):
         loader.set_position(state.data_position(plan.grad_accum))
         it = iter(loader)
         while not plan.epoch_done(state) and state.step < total_steps:
@@ -326,10 +327,17 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
                 if validated is None:  # a stop signal during the evaluation
                     _stop(cfg, world, ctx, state, ckpts, num_classes, names)
                 metrics = validated
-                is_best = metrics["miou"] > state.best_miou
-                state.best_miou = max(state.best_miou, metrics["miou"])
-            if plan.should_save(state.step, epoch_done, evaluate_now):
+                is_best = state.record_eval(metrics["miou"])
+            stop_early = state.patience_spent(patience)
+            if plan.should_save(state.step, epoch_done, evaluate_now) or stop_early:
                 _save(cfg, world, ctx, state, ckpts, is_best, num_classes, names)
+            if stop_early:
+                _log(
+                    world,
+                    f"early stop at step {state.step}: val mIoU has not improved for {patience} evaluations "
+                    f"(best {state.best_miou:.4f}; train.early_stop_patience={patience})",
+                )
+                break
             if epoch_done:
                 break
     if not metrics and cfg.data.val_shards:  # e.g. resumed from a finished run: still report its metrics

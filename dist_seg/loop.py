@@ -31,6 +31,7 @@ class TrainState:
     epoch: int = 0  # epoch in progress
     epoch_step: int = 0  # optimizer steps done in this epoch
     best_miou: float = -1.0
+    evals_since_best: int = 0  # evaluations in a row that did not raise best_miou (train.early_stop_patience)
     nonfinite_streak: int = 0
     global_batch: int = 0  # images per optimizer step: data.batch_size x world size x train.grad_accum
     samples: int = 0  # training samples of the dataset the position counts
@@ -54,6 +55,17 @@ class TrainState:
                 f"non-finite loss or gradients at step {self.step}: {self.nonfinite_streak} consecutive "
                 f"steps skipped (train.max_nonfinite={max_nonfinite}); stopping on every rank"
             )
+
+    def record_eval(self, miou: float) -> bool:
+        """Count one evaluation; True when it is the best so far (strictly higher mIoU)."""
+        best = miou > self.best_miou
+        self.best_miou = max(self.best_miou, miou)
+        self.evals_since_best = 0 if best else self.evals_since_best + 1
+        return best
+
+    def patience_spent(self, patience: int | None) -> bool:
+        """train.early_stop_patience evaluations in a row without a new best."""
+        return patience is not None and self.evals_since_best >= patience
 
     def next_epoch(self) -> None:
         self.epoch += 1

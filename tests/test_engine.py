@@ -161,3 +161,57 @@ def test_mixed_size_images_score_the_same_at_any_eval_batch_size(tmp_path: Path)
     )  # every pixel once
     for m in matrices[1:]:
         assert torch.equal(m, matrices[0])
+
+
+def test_early_stop_counts_evaluations_without_a_new_best() -> None:
+    state = TrainState()
+    results = [state.record_eval(m) for m in (0.2, 0.3, 0.3, 0.25)]  # a tie is not an improvement
+    assert results == [True, True, False, False]
+    assert state.best_miou == 0.3 and state.evals_since_best == 2
+    assert state.patience_spent(2) and not state.patience_spent(3) and not state.patience_spent(None)
+    assert state.record_eval(0.31) and state.evals_since_best == 0
+
+
+def test_training_stops_early_with_a_checkpoint_and_a_resume_does_not_train_on(
+    tiny_shards, tmp_path: Path
+) -> None:
+    """Through fit(): evaluations every step at a zero learning rate plateau, so after the best evaluation
+    two more end the run well before max_steps, with last.pt at that step; running the command again resumes
+    from it and trains no further."""
+    from launch_utils import REPO
+
+    from dist_seg.checkpoint import load_checkpoint
+    from dist_seg.config_loading import load_config
+    from dist_seg.distributed import World
+    from dist_seg.engine import fit
+
+    out = tmp_path / "run"
+    overrides = [
+        f"data.train_shards={tiny_shards['train4']}",
+        f"data.val_shards={tiny_shards['eval1']}",
+        f"train.out_dir={out}",
+        "model.name=fcn8s",
+        "data.crop_size=32",
+        "optim.lr=0",
+        "train.max_steps=40",
+        "train.eval_every=1",
+        "train.log_every=1",
+        "train.early_stop_patience=2",
+    ]
+    world = World(0, 0, 1, torch.device("cpu"), None)
+    fit(load_config(REPO / "configs/cpu_small.yaml", overrides), world)
+    history = [json.loads(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    mious = [h["miou"] for h in history]
+    best_at = max(range(len(mious)), key=lambda i: (mious[i], -i))  # the first evaluation reaching the best
+    assert len(mious) == best_at + 3 < 40, mious  # the best, then exactly two that did not beat it
+    stopped = history[-1]["step"]
+    assert load_checkpoint(out / "last.pt")["train_state"]["step"] == stopped
+    fit(load_config(REPO / "configs/cpu_small.yaml", overrides), world)
+    assert load_checkpoint(out / "last.pt")["train_state"]["step"] == stopped
+
+
+def test_early_stop_without_validation_shards_is_a_config_error() -> None:
+    from dist_seg.config import Config, TrainConfig, validate
+
+    with pytest.raises(ValueError, match=r"train.early_stop_patience=3 needs data.val_shards"):
+        validate(Config(train=TrainConfig(early_stop_patience=3)))
