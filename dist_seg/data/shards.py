@@ -28,9 +28,6 @@ from dist_seg.data.remote import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-READ_EXTS = frozenset((*IMAGE_EXTS, "seg.png", "json"))  # every other member stays unread
-assert IGNORE_INDEX == 255, "decode_sample's label range check relies on uint8 wrap-around"
 
 
 class ShardError(ValueError):
