@@ -29,7 +29,6 @@ from dist_seg.data.remote import (
 log = logging.getLogger(__name__)
 
 
-
 class ShardError(ValueError):
     """A shard or one of its samples cannot be used; the message names the shard and the sample key."""
 
