@@ -3,7 +3,8 @@
 This module is the one owner of the checkpoint layout: `training_checkpoint` writes it, `check_model`
 validates it, `restore_training` reads it back for resuming and `load_for_inference` for evaluation and
 prediction. Keys: model, optimizer, scheduler, scaler ({} without fp16), train_state, rng (one entry per
-rank), config, model_name, num_classes, class_names.
+rank), config, model_name, num_classes, class_names, and ema (train.ema_decay runs only: decay, updates and
+the averaged weights as a model state dict; see dist_seg.ema).
 
 A checkpoint is written to a hidden temp file in the target's directory, flushed, fsynced and renamed over
 the target, then the directory is fsynced: a crash at any moment leaves either the old file or the new one,
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dist_seg.config import Config, to_dict
+from dist_seg.config import Config, ModelConfig, to_dict
+from dist_seg.ema import WeightEMA
 from dist_seg.models import build_model, unwrap
 
 _STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
@@ -290,9 +292,11 @@ def training_checkpoint(
     rng: list[dict[str, Any]],
     num_classes: int,
     class_names: list[str],
+    ema: WeightEMA | None = None,
 ) -> dict[str, Any]:
     """Everything a run needs to resume (and evaluation/prediction to rebuild the model). `rng` holds every
     rank's RNG state, in rank order, so that each rank restores its own."""
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -304,6 +308,7 @@ def training_checkpoint(
         "model_name": cfg.model.name,
         "num_classes": num_classes,
         "class_names": class_names,
+        **extra,
     }
 
 
@@ -326,12 +331,21 @@ def restore_training(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     rank: int,
-) -> dict[str, Any]:
+    ema: WeightEMA | None = None,
+) -> tuple[dict[str, Any], str | None]:
     """Load a checkpoint read from `path` into the training objects and this rank's RNG; returns the saved
-    train_state. A rank the checkpoint had no RNG state for (the run resumes on more ranks) seeds its RNGs
-    from (train.seed, rank, step), so it is reproducible too."""
+    train_state and a note for the log (or None). A rank the checkpoint had no RNG state for (the run resumes
+    on more ranks) seeds its RNGs from (train.seed, rank, step), so it is reproducible too."""
     check_model(ck, path, cfg.model.name, num_classes)
     unwrap(model).load_state_dict(ck["model"])
+    note = None
+    if ema is not None and "ema" in ck:
+        ema.load_state_dict(ck["ema"])
+    elif ema is not None:
+        ema.reset_to(model)
+        note = f"{path} holds no weight EMA: train.ema_decay={ema.decay} starts one from its weights"
+    elif "ema" in ck:
+        note = f"{path} holds a weight EMA, which this run drops (train.ema_decay is null)"
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     if scaler is not None and ck["scaler"]:
@@ -340,7 +354,7 @@ def restore_training(
         restore_rng_state(ck["rng"][rank])
     else:
         seed_rngs(cfg.train.seed, rank, int(ck["train_state"].get("step", 0)))
-    return ck["train_state"]
+    return ck["train_state"], note
 
 
 def seed_rngs(*values: int) -> None:
@@ -358,33 +372,62 @@ class LoadedCheckpoint:
     num_classes: int
     class_names: list[str]
     step: int | None
+    weights: str = "model"  # "model" (the trained weights) or "ema" (their moving average)
+    model_cfg: ModelConfig | None = None  # the model built
+    saved_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the training run's config
+
+
+WEIGHTS = ("auto", "ema", "model")
 
 
 def load_for_inference(
-    cfg: Config, checkpoint: str | Path, device: torch.device, num_classes: int | None = None
+    cfg: Config,
+    checkpoint: str | Path,
+    device: torch.device,
+    num_classes: int | None = None,
+    weights: str = "auto",
+    own_model: bool = False,
 ) -> tuple[nn.Module, LoadedCheckpoint]:
     """The model of `cfg` with the checkpoint's weights, on `device`, in eval mode.
 
+    `weights`: "ema" (the train.ema_decay average; an error when the checkpoint has none), "model" (the
+    trained weights) or "auto" (the EMA when the checkpoint has one). `own_model` builds the model the
+    checkpoint's own config names (name, width) instead of cfg.model's: an ensemble of different models.
     ValueError naming both sides when the checkpoint holds another model or another number of classes than
     the config (`num_classes`, or cfg.model.num_classes, when given) asks for, or weights of another width.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     path = Path(checkpoint)
     ck = load_checkpoint(path, map_location="cpu")
     if "model" not in ck:
         raise ValueError(f"checkpoint {path} has no 'model' weights (keys: {sorted(ck)})")
-    want = num_classes or cfg.model.num_classes or ck.get("num_classes")
-    check_model(ck, path, cfg.model.name, want)
+    if weights == "ema" and "ema" not in ck:
+        raise ValueError(
+            f"--weights ema: checkpoint {path} holds no weight EMA (trained without train.ema_decay)"
+        )
+    use = "ema" if weights == "ema" or (weights == "auto" and "ema" in ck) else "model"
+    model_cfg = cfg.model
+    if own_model:
+        saved = ck.get("config", {}).get("model", {})
+        model_cfg = dataclasses.replace(
+            cfg.model, **{k: saved[k] for k in ("name", "width_mult") if k in saved}
+        )
+    want = num_classes or (None if own_model else cfg.model.num_classes) or ck.get("num_classes")
+    check_model(ck, path, model_cfg.name, want)
     # weights come from the checkpoint: never load (or download) the ImageNet encoder first
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None), int(want))
+    model_cfg = dataclasses.replace(model_cfg, pretrained=None)
+    model = build_model(model_cfg, int(want))
     try:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck["ema"]["weights"] if use == "ema" else ck["model"])
     except RuntimeError as e:
         ck_width = ck.get("config", {}).get("model", {}).get("width_mult")
         raise ValueError(
-            f"checkpoint {path} (model.width_mult={ck_width}) does not fit model {cfg.model.name!r} with "
-            f"model.width_mult={cfg.model.width_mult}: {str(e).strip().splitlines()[0]}"
+            f"checkpoint {path} (model.width_mult={ck_width}) does not fit model {model_cfg.name!r} with "
+            f"model.width_mult={model_cfg.width_mult}: {str(e).strip().splitlines()[0]}"
         ) from e
     names = list(ck.get("class_names") or [f"class_{i}" for i in range(int(want))])
     step = ck.get("train_state", {}).get("step")
-    meta = LoadedCheckpoint(path, str(ck["model_name"]), int(want), names, step)
+    saved_cfg = ck.get("config", {})
+    meta = LoadedCheckpoint(path, str(ck["model_name"]), int(want), names, step, use, model_cfg, saved_cfg)
     return model.to(device).eval(), meta

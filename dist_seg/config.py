@@ -190,6 +190,11 @@ class TrainConfig:
     """Stop training once val mIoU has not improved for this many evaluations in a row (a checkpoint is
     written at that step); null never stops early. Every rank sees the same all-reduced mIoU, so every rank
     stops at the same step."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warm-up
+    min(decay, (1+n)/(10+n)) after n updates; BatchNorm buffers copied). Evaluations then report both
+    weights (TensorBoard val/ and val_ema/); best.pt, early stopping and the returned metrics follow the EMA,
+    which evaluate/predict use by default (--weights). null: off."""
     timeout_s: int = 600
     """Collective timeout in seconds: a dead or stalled peer ends the run with an error after this."""
     stop_signals: str = "SIGTERM,SIGUSR1"
@@ -202,6 +207,25 @@ class TrainConfig:
 
 
 @dataclass
+class CRFConfig:
+    """DeepLab v1's fully connected CRF (`--crf` in evaluate and predict); defaults are DeepLab-LargeFOV's
+    published values for PASCAL VOC."""
+
+    iterations: int = 10
+    """Mean-field iterations."""
+    bilateral_weight: float = 4.0
+    """w1: weight of the appearance (position + colour) kernel."""
+    bilateral_xy_std: float = 121.0
+    """theta_alpha: spatial std of the appearance kernel, in pixels."""
+    bilateral_rgb_std: float = 5.0
+    """theta_beta: colour std of the appearance kernel, in 0..255 intensity units."""
+    gaussian_weight: float = 3.0
+    """w2: weight of the smoothness (position only) kernel."""
+    gaussian_xy_std: float = 3.0
+    """theta_gamma: spatial std of the smoothness kernel, in pixels."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,6 +233,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -263,6 +288,13 @@ def validate(cfg: Config) -> Config:
             f"config key train.early_stop_patience={cfg.train.early_stop_patience} needs data.val_shards: "
             "early stopping watches the validation mIoU"
         )
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ValueError(f"config key train.ema_decay={cfg.train.ema_decay}: must be in (0, 1) or null")
+    if cfg.crf.iterations < 0:
+        raise ValueError(f"config key crf.iterations={cfg.crf.iterations}: must be >= 0")
+    for key in ("crf.bilateral_xy_std", "crf.bilateral_rgb_std", "crf.gaussian_xy_std"):
+        if _get(cfg, key) <= 0:
+            raise ValueError(f"config key {key}={_get(cfg, key)!r}: must be > 0")
     if cfg.data.remote_retries < 0:
         raise ValueError(f"config key data.remote_retries={cfg.data.remote_retries}: must be >= 0")
     for key in ("data.remote_timeout_s", "data.cache_max_gb"):

@@ -120,6 +120,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers_(module: nn.Module, src: int = 0) -> None:
+    """Overwrite every rank's buffers (BatchNorm running statistics) with rank `src`'s, in one broadcast per
+    dtype. Without SyncBatchNorm each rank's last training forward leaves its own statistics; an evaluation
+    (or an EMA copy) must not depend on the rank that runs it."""
+    if not _active():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for tensors in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 # ---------------------------------------------------------------------------------------------- SyncBatchNorm
 class _CpuSyncBNFunction(torch.autograd.Function):
     """Batch norm whose statistics and input gradients span all ranks; the same math as torch's SyncBatchNorm.

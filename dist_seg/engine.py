@@ -1,4 +1,5 @@
-"""The training loop: fit() -> epochs of train_step(), _validate() (compute_confusion on the val shards), checkpoints. Read it top to bottom.
+"""The training loop: fit() -> epochs of train_step(), _validate() (inference.compute_confusion on the val
+shards), checkpoints. Read it top to bottom.
 
 Step arithmetic: one optimizer step consumes train.grad_accum loader batches on every rank, i.e.
 data.batch_size x world_size x train.grad_accum images. Every rank runs exactly the same number of steps
@@ -30,10 +31,10 @@ from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.data.remote import RemoteOptions
 from dist_seg.data.shards import ShardSet, dataset_classes
 from dist_seg.data.stream import TrainLoader, build_train_loader
-from dist_seg.data.transforms import padded_size
+from dist_seg.ema import WeightEMA
+from dist_seg.inference import compute_confusion
 from dist_seg.loop import Plan, TrainState
 from dist_seg.losses import build_loss, load_class_weights
-from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import build_model, input_constraints, pretrained_summary, unwrap
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.precision import AMP_DTYPES, autocast
@@ -54,6 +55,7 @@ class StepContext:
     channels_last: bool
     max_nonfinite: int
     params: list[nn.Parameter] = field(default_factory=list)
+    ema: WeightEMA | None = None  # train.ema_decay: moved after every step that updated the weights
     stop: StopRequest | None = None  # set by a stop signal; every rank learns of it at the next step
 
 
@@ -101,6 +103,8 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
         ctx.scaler.update()
     else:
         ctx.optimizer.step()
+    if ctx.ema is not None and not nonfinite:
+        ctx.ema.update(ctx.model)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scheduler.step()
     scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
@@ -114,49 +118,6 @@ def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:
     state = scaler.state_dict()
     state["_growth_tracker"] = 0
     scaler.load_state_dict(state)
-
-
-@torch.inference_mode()
-def compute_confusion(
-    model: nn.Module,
-    loader: Any,
-    num_classes: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool = False,
-    keep: int = 0,
-    stop: StopRequest | None = None,
-) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Exact distributed evaluation: a per-rank int64 confusion matrix, all-reduced once at the end.
-
-    Ranks may see different numbers of batches, so nothing here communicates per batch. Each image is run at
-    its own padded size (images of equal padded size together), so a prediction never depends on which
-    images share its batch, and metrics do not depend on the batch size or the world size. `keep` returns
-    the first images of this rank as (image, target, prediction) for visualisation.
-    """
-    model = unwrap(model)
-    model.eval()
-    divisor, min_size = input_constraints(model)
-    cm = ConfusionMatrix(num_classes, device=device)  # pixels labelled IGNORE_INDEX count nowhere
-    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for batch in loader:
-        if stop is not None and stop.requested:
-            break  # the caller checks, across ranks, whether the result is whole
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (h, w) in enumerate(batch.sizes):
-            groups.setdefault(padded_size(h, w, divisor, min_size), []).append(i)
-        for (ph, pw), idx in groups.items():
-            images = to_device(batch.images[idx, :, :ph, :pw], device, channels_last)
-            masks = to_device(batch.masks[idx, :ph, :pw], device)  # beyond each image: 255, ignored
-            with autocast(device, amp_dtype):
-                pred = model(images).argmax(1)
-            cm.update(pred, masks)
-            for j, i in enumerate(idx):
-                if len(kept) < keep:
-                    h, w = batch.sizes[i]
-                    kept.append((batch.images[i, :, :h, :w], batch.masks[i, :h, :w], pred[j, :h, :w].cpu()))
-    cm.reduce_(D.all_reduce_sum_)
-    return cm, kept
 
 
 def _log(world: D.World, msg: str) -> None:
@@ -177,7 +138,16 @@ def _save(
     """A collective (the RNG states of every rank are gathered); rank 0 writes."""
     rng = D.all_gather_object(capture_rng_state())  # every rank's RNG, so each restores its own
     ck = training_checkpoint(
-        cfg, ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, state.state_dict(), rng, num_classes, names
+        cfg,
+        ctx.model,
+        ctx.optimizer,
+        ctx.scheduler,
+        ctx.scaler,
+        state.state_dict(),
+        rng,
+        num_classes,
+        names,
+        ctx.ema,
     )
     if world.is_main:
         ckpts.save(ck, state.step, is_best)
@@ -219,6 +189,7 @@ def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoa
         channels_last=cfg.train.channels_last,
         max_nonfinite=cfg.train.max_nonfinite,
         params=[p for p in model.parameters() if p.requires_grad],
+        ema=WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None,
     )
     return ctx, shard_set, loader, Plan.from_config(cfg, steps_per_epoch, total_steps, world.world_size)
 
@@ -254,8 +225,11 @@ def _open_run(
     if saved is not None:
         path, ck = saved
         resume.check_same_dataset(ck["train_state"], shard_set, str(path))
-        args = (ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, world.rank)
-        state.load_state_dict(restore_training(ck, path, cfg, shard_set.num_classes, *args))
+        args = (ctx.model, ctx.optimizer, ctx.scheduler, ctx.scaler, world.rank, ctx.ema)
+        saved_state, ema_note = restore_training(ck, path, cfg, shard_set.num_classes, *args)
+        state.load_state_dict(saved_state)
+        if ema_note:
+            _log(world, ema_note)
         state.global_batch = plan.global_batch
         if ck["train_state"].get("batch_in_epoch") and "epoch_step" not in ck["train_state"]:
             _log(world, f"warning: {path} predates global data positions; epoch {state.epoch} restarts")
@@ -357,23 +331,24 @@ def _validate(
     num_classes: int,
     names: list[str],
 ) -> dict[str, Any] | None:
-    """Evaluate on the val shards and report; None when a stop signal cut the evaluation short."""
+    """Evaluate on the val shards and report; with a weight EMA, first the trained weights, then the EMA,
+    whose metrics are returned (best.pt and early stopping follow them). metrics["weights"] names the weights.
+    None when a stop signal cut an evaluation short."""
     divisor, min_size = input_constraints(ctx.model)
-    loader = build_eval_loader(cfg.data, world.rank, world.world_size, divisor, min_size)
-    keep = cfg.train.num_vis_images if world.is_main else 0
-    cm, kept = compute_confusion(
-        ctx.model,
-        loader,
-        num_classes,
-        world.device,
-        ctx.amp_dtype,
-        cfg.train.channels_last,
-        keep,
-        ctx.stop,
-    )
-    if ctx.stop is not None and D.any_rank_flags([ctx.stop.requested], world.device)[0]:
-        return None
-    metrics = cm.compute(names)
-    if world.is_main:
-        monitor.report_eval(cfg, tb, step, metrics, cm.matrix.cpu().numpy(), kept, names, num_classes)
+    evaluated = [("model", ctx.model)] + ([("ema", ctx.ema.module)] if ctx.ema is not None else [])
+    metrics: dict[str, Any] = {}
+    for weights, model in evaluated:
+        primary = weights == evaluated[-1][0]
+        D.broadcast_buffers_(unwrap(model))  # without SyncBN, rank 0's BN statistics for every rank
+        loader = build_eval_loader(cfg.data, world.rank, world.world_size, divisor, min_size)
+        keep = cfg.train.num_vis_images if world.is_main and primary else 0
+        cm, kept = compute_confusion(
+            model, loader, num_classes, world.device, ctx.amp_dtype, cfg.train.channels_last, keep, ctx.stop
+        )
+        if ctx.stop is not None and D.any_rank_flags([ctx.stop.requested], world.device)[0]:
+            return None
+        metrics = {**cm.compute(names), "weights": weights}
+        if world.is_main:
+            matrix = cm.matrix.cpu().numpy()
+            monitor.report_eval(cfg, tb, step, metrics, matrix, kept, names, num_classes, primary)
     return metrics

@@ -125,21 +125,28 @@ def report_eval(
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     names: list[str],
     num_classes: int,
+    primary: bool = True,
 ) -> None:
-    """Rank 0: evaluation scalars, sample triplets and confusion matrix to TensorBoard, metrics.json, a line."""
+    """Rank 0: evaluation scalars, sample triplets and confusion matrix to TensorBoard, metrics.json, a line.
+
+    metrics["weights"] says which weights were evaluated: "model" scalars go under val/, "ema" (the weight
+    EMA) under val_ema/. Only the `primary` evaluation (the one best.pt and early stopping follow) writes the
+    images, the confusion matrix and metrics.json; every evaluation is a line of metrics_history.jsonl."""
+    weights = metrics.get("weights", "model")
+    tag = "val_ema" if weights == "ema" else "val"
     tb.scalars(
         {
-            "val/miou": metrics["miou"],
-            "val/pixel_acc": metrics["pixel_acc"],
-            "val/mean_acc": metrics["mean_acc"],
-            "val/image_miou": metrics["image_miou"],
+            f"{tag}/miou": metrics["miou"],
+            f"{tag}/pixel_acc": metrics["pixel_acc"],
+            f"{tag}/mean_acc": metrics["mean_acc"],
+            f"{tag}/image_miou": metrics["image_miou"],
         },
         step,
     )
     tb.scalars(
-        {f"val/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
+        {f"{tag}/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
     )
-    if kept:
+    if kept and primary:
         images = torch.stack([denormalize(k[0], cfg.data) for k in same_size(kept)])
         tb.image_triplets(
             images,
@@ -148,18 +155,20 @@ def report_eval(
             class_palette(num_classes),
             step,
         )
-    tb.confusion(matrix, names, step)
+    if primary:
+        tb.confusion(matrix, names, step)
     tb.flush()
     out = Path(cfg.train.out_dir)
-    (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
+    if primary:
+        (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
     with open(out / "metrics_history.jsonl", "a") as f:
         f.write(
             json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}}))
             + "\n"
         )
     print(
-        f"eval step {step}: mIoU {metrics['miou']:.4f} pixel acc {metrics['pixel_acc']:.4f} "
-        f"mean acc {metrics['mean_acc']:.4f}",
+        f"eval step {step}{' (EMA weights)' if weights == 'ema' else ''}: mIoU {metrics['miou']:.4f} "
+        f"pixel acc {metrics['pixel_acc']:.4f} mean acc {metrics['mean_acc']:.4f}",
         flush=True,
     )
 

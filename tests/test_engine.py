@@ -14,7 +14,8 @@ from conftest import shared_dataset
 from dist_seg.config import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.engine import StepContext, StepOutput, compute_confusion, train_step
+from dist_seg.engine import StepContext, StepOutput, train_step
+from dist_seg.inference import compute_confusion
 from dist_seg.loop import Plan, TrainState
 from dist_seg.losses import build_loss
 from dist_seg.models import build_model, input_constraints

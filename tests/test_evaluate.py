@@ -136,3 +136,57 @@ def test_two_ranks_evaluate_and_predict_like_one_process(run: dict) -> None:
     assert sorted(p.name for p in (two / "pred").glob("*.png")) == sorted(
         p.name for p in (one / "pred").glob("*.png")
     )
+
+
+@pytest.mark.slow
+def test_an_ensemble_with_windows_and_flips_evaluates_and_predicts_on_two_ranks_like_one(run: dict) -> None:
+    """Two members (the trained deeplab_v1 and an fcn8s of another width), flip TTA, 96-pixel windows every
+    64 pixels: the CLI in one process, then the same options under torchrun; confusion matrix and CSV equal."""
+    from dist_seg.checkpoint import load_checkpoint, save_checkpoint
+    from dist_seg.config import to_dict
+    from dist_seg.models import build_model
+    from dist_seg.predict import main as predict_main
+
+    tmp, coco = run["tmp"], str(run["tmp"] / "val.json")
+    trained = load_checkpoint(run["ck"])
+    other_cfg = load_config(CONFIG, [*run["overrides"], "model.name=fcn8s", "model.width_mult=0.125"])
+    torch.manual_seed(1)
+    other = {
+        **trained,
+        "model": build_model(other_cfg.model, trained["num_classes"]).state_dict(),
+        "model_name": "fcn8s",
+        "config": to_dict(other_cfg),
+    }
+    save_checkpoint(tmp / "fcn8s.pt", other)
+    members = [str(run["ck"]), str(tmp / "fcn8s.pt")]
+    flags = ["--checkpoint", members[0], "--checkpoint", members[1], "--tta", "flip"]
+    flags += ["--mode", "slide", "--window", "96", "--stride", "64"]
+    one = tmp / "ens_one"
+    base = ["--config", CONFIG, *flags, *run["overrides"]]
+    assert evaluate.main([*base, "--out", str(one / "eval")]) == 0
+    predict_args = ["--images", str(run["images"]), "--coco", coco, "--out", str(one / "pred")]
+    assert predict_main([*base, *predict_args, "--submission", str(one / "sub.csv"), "--quiet"]) == 0
+    ref = json.loads((one / "eval" / "metrics.json").read_text())
+    assert ref["checkpoint"] == members and ref["model"] == ["deeplab_v1", "fcn8s"]
+    assert (ref["mode"], ref["window"], ref["stride"], ref["tta"]) == ("slide", 96, 64, "flip")
+    single = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert ref["matrix"] != single["matrix"]  # the ensemble is not the trained model alone
+
+    two = tmp / "ens_two"
+    worker = str(REPO / "tests/workers/predict_worker.py")
+    options = {"tta": "flip", "mode": "slide", "window": 96, "stride": 64}
+    args = [
+        worker,
+        ",".join(members),
+        str(tmp / "shards"),
+        str(run["images"]),
+        coco,
+        str(two),
+        *run["overrides"],
+    ]
+    r = torchrun(args, nproc=2, timeout=300, env={"INFERENCE": json.dumps(options)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads((two / "eval" / "metrics.json").read_text())
+    assert got["world_size"] == 2 and got["num_images"] == N_IMAGES
+    assert got["matrix"] == ref["matrix"] and got["miou"] == ref["miou"]
+    assert (two / "sub.csv").read_bytes() == (one / "sub.csv").read_bytes()

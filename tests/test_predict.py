@@ -1,4 +1,5 @@
-"""`dist-seg predict`: padding and TTA exactness, CSV round trip and order, batch-size invariance, inputs."""
+"""`dist-seg predict`: CSV round trip and order, batch-size invariance, inputs (the Predictor itself:
+tests/test_inference.py)."""
 
 from __future__ import annotations
 
@@ -24,65 +25,12 @@ from dist_seg.config_loading import load_config
 from dist_seg.data.coco import build_class_map, load_coco
 from dist_seg.data.convert import ConvertOptions, convert
 from dist_seg.models import build_model
-from dist_seg.predict import PredictOptions, Predictor, list_folder, run_predict
+from dist_seg.predict import PredictOptions, list_folder, run_predict
 from dist_seg.submission import decode_row, iter_rows
 
 # json positions in trashcan_subset val: 270-pixel and 360-pixel high images interleaved, so batches must regroup
 PICK = [0, 35, 1, 36, 2, 3, 37, 4]
 OVERRIDES = ["model.name=deeplab_v1"]
-
-
-# ---------------------------------------------------------------------------------------------- TTA exactness
-class _FlipEquivariant(nn.Module):
-    """A 3x3 conv with left-right symmetric kernels, then 1x1 convs: flip-equivariant by construction (also
-    at the content border: the batch padding and the conv's zero padding are both 0)."""
-
-    size_divisor, min_size = 32, 64
-
-    def __init__(self, classes: int = 5) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_((self.conv.weight + self.conv.weight.flip(-1)) / 2)
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, classes, 1))
-        self.seen: list[tuple[int, int]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append((x.shape[-2], x.shape[-1]))
-        return self.head(self.conv(x))
-
-
-def test_padding_is_cropped_back_and_flip_tta_changes_nothing_for_an_equivariant_model() -> None:
-    model = _FlipEquivariant()
-    x = torch.randn(2, 3, 50, 70)
-    plain = Predictor(model, torch.device("cpu"))(x)
-    assert model.seen == [(64, 96)]  # padded to the model's constraints ...
-    assert plain.shape == (2, 5, 50, 70)  # ... and cropped back
-    with torch.inference_mode():  # the bottom/right padding (0) reads like the conv's own zero padding
-        torch.testing.assert_close(plain, model(x).softmax(1), rtol=0, atol=1e-6)
-    flipped = Predictor(model, torch.device("cpu"), flip=True)(x)
-    torch.testing.assert_close(flipped, plain, rtol=0, atol=1e-6)
-    assert torch.equal(flipped.argmax(1), plain.argmax(1))
-
-
-def test_scale_tta_averages_probabilities_resized_to_the_input() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1))  # pointwise: padding-blind
-    model.size_divisor, model.min_size = 16, 16
-    x = torch.randn(3, 3, 40, 56)
-    scales = (0.5, 1.0, 1.5)
-    got = Predictor(model, torch.device("cpu"), scales=scales)(x)
-    ref = torch.zeros(3, 4, 40, 56)
-    with torch.inference_mode():
-        for s in scales:
-            size = (round(40 * s), round(56 * s))
-            xs = F.interpolate(x, size=size, mode="bilinear", antialias=True) if s != 1 else x
-            p = model(xs).softmax(1)
-            ref += F.interpolate(p, size=(40, 56), mode="bilinear", antialias=True) if s != 1 else p
-    torch.testing.assert_close(got, ref / 3, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="needs --tta scales"):
-        predict.parse_tta("flip", (0.5, 1.0))
-    assert predict.parse_tta("flip,scales", None) == (True, (0.75, 1.0, 1.25))
 
 
 # ---------------------------------------------------------------------------------------------- real runs

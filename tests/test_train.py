@@ -81,7 +81,8 @@ def test_ddp_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model",
-    [{}, {"model.name": "fcn8s", "data.crop_size": 64}],  # fcn8s has dropout: the RNG must resume exactly too
+    # fcn8s has dropout: the RNG must resume exactly too; and its weight EMA must resume exactly
+    [{}, {"model.name": "fcn8s", "data.crop_size": 64, "train.ema_decay": 0.9}],
     ids=["deconvnet", "fcn8s-dropout"],
 )
 def test_resume_after_kill_equals_uninterrupted_run(model: dict, trash_shards, tmp_path: Path) -> None:
@@ -115,10 +116,14 @@ def test_resume_after_kill_equals_uninterrupted_run(model: dict, trash_shards, t
     assert [s for s, _ in b] == list(range(1, 9))  # no gap, no duplicate
     for (s1, v1), (s2, v2) in zip(a, b, strict=True):
         assert s1 == s2 and abs(v1 - v2) <= 1e-6, (s1, v1, v2)
-    wa = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
-    wb = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+    ca, cb = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    pairs = [(ca["model"], cb["model"])]
+    if "train.ema_decay" in model:
+        assert ca["ema"]["updates"] == cb["ema"]["updates"] == 8
+        pairs.append((ca["ema"]["weights"], cb["ema"]["weights"]))
+    for wa, wb in pairs:
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
 
 
 def test_config_errors_fail_before_any_process_group(tmp_path: Path) -> None:

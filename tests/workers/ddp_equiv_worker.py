@@ -2,7 +2,8 @@
 
     python tests/workers/ddp_equiv_worker.py OUT.pt              # reference, one process
     torchrun --nproc_per_node=2 tests/workers/ddp_equiv_worker.py OUT.pt
-Rank 0 saves the final weights; the test compares the two files.
+Rank 0 saves the final weights and their EMA (keys "ema/..."); the test compares the two files. On 2 ranks the
+worker also checks that every rank holds exactly the same EMA.
 """
 
 import sys
@@ -11,6 +12,7 @@ import torch
 
 from dist_seg import distributed as D
 from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig
+from dist_seg.ema import WeightEMA
 from dist_seg.engine import StepContext, train_step
 from dist_seg.losses import build_loss
 from dist_seg.models import build_model, unwrap
@@ -39,11 +41,16 @@ try:
         False,
         3,
         [p for p in model.parameters() if p.requires_grad],
+        WeightEMA(model, 0.5),
     )
     part = slice(world.rank * B, (world.rank + 1) * B) if world.world_size > 1 else slice(0, 2 * B)
     for s in range(STEPS):
         train_step(ctx, [(images[s, part], masks[s, part])], s + 1)
+    ema = {f"ema/{k}": v for k, v in ctx.ema.module.state_dict().items()}
+    for r, other in enumerate(D.all_gather_object(ema)):
+        bad = [k for k in ema if not torch.equal(other[k], ema[k])]
+        assert not bad, f"rank {r}'s EMA differs from rank {world.rank}'s in {bad[:3]}"
     if world.is_main:
-        torch.save(unwrap(model).state_dict(), sys.argv[1])
+        torch.save({**unwrap(model).state_dict(), **ema}, sys.argv[1])
 finally:
     D.cleanup()

@@ -1,0 +1,156 @@
+"""Weight EMA (train.ema_decay): the average against a float64 hand computation, BatchNorm buffers copied, the
+warm-up, its checkpoint round trip; through fit(): both weights evaluated and labelled, best.pt and
+metrics.json following the EMA, a resume from a checkpoint without one; evaluate/predict --weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from launch_utils import REPO
+from torch import nn
+
+from dist_seg.checkpoint import load_checkpoint
+from dist_seg.config_loading import load_config
+from dist_seg.distributed import World
+from dist_seg.ema import WeightEMA
+from dist_seg.engine import fit
+from dist_seg.evaluate import main as evaluate_main
+from dist_seg.tb import read_scalars
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+
+def test_ema_matches_a_float64_reference_on_large_weights_with_tiny_steps() -> None:
+    """float32 weights near 1000 moving by ~1e-3 a step: the lerp must not lose the steps to cancellation."""
+    net = _net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1000.0)
+    ema = WeightEMA(net, decay=0.99)
+    ref = {n: p.detach().double().clone() for n, p in net.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    for n_updates in range(30):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+        net[1].running_mean.add_(0.5)  # what a training forward does to the buffers
+        d = min(0.99, (1 + n_updates) / (10 + n_updates))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update(net)
+        for n, p in net.named_parameters():
+            ref[n] += (1 - d) * (p.detach().double() - ref[n])
+    got = dict(ema.module.named_parameters())
+    for n, r in ref.items():
+        # float32 spacing at 1000 is 6e-5: the average must be within a few ulps, not off by the step sizes
+        torch.testing.assert_close(got[n].double(), r, rtol=0, atol=2e-4, msg=n)
+        assert not torch.allclose(got[n].double(), dict(net.named_parameters())[n].double(), rtol=0, atol=1e-4)
+    # buffers are copies of the model's, never averages
+    assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
+    assert torch.equal(ema.module[1].num_batches_tracked, net[1].num_batches_tracked)
+    assert ema.updates == 30 and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_state_round_trip_continues_the_warm_up() -> None:
+    net = _net()
+    a = WeightEMA(net, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        a.update(net)
+    b = WeightEMA(_net(), 0.9)
+    b.load_state_dict(a.state_dict())
+    assert b.updates == 3 and b.current_decay() == a.current_decay()
+    for (k, va), vb in zip(a.module.state_dict().items(), b.module.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    b.reset_to(net)
+    assert b.updates == 0 and torch.equal(b.module[0].weight, net[0].weight)
+    with pytest.raises(ValueError, match=r"train.ema_decay=1.0: must be in \(0, 1\)"):
+        WeightEMA(net, 1.0)
+
+
+def _overrides(tiny_shards: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.train_shards={tiny_shards['train4']}",
+        f"data.val_shards={tiny_shards['eval1']}",
+        f"train.out_dir={out}",
+        "model.name=fcn8s",
+        "data.crop_size=32",
+        "train.eval_every=2",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-step run without EMA, resumed to 6 steps with train.ema_decay=0.5 (the EMA starts at the
+    resumed weights)."""
+    out = tmp_path_factory.mktemp("ema") / "run"
+    world = World(0, 0, 1, torch.device("cpu"), None)
+    cfg_path = REPO / "configs/cpu_small.yaml"
+    fit(load_config(cfg_path, _overrides(tiny_shards, out, "train.max_steps=2")), world)
+    plain = load_checkpoint(out / "last.pt")
+    assert "ema" not in plain
+    overrides = _overrides(tiny_shards, out, "train.max_steps=6", "train.ema_decay=0.5")
+    metrics = fit(load_config(cfg_path, overrides), world)
+    return {"out": out, "metrics": metrics, "overrides": overrides}
+
+
+def test_fit_evaluates_both_weights_and_follows_the_ema(ema_run: dict, capsys) -> None:
+    out = ema_run["out"]
+    history = [json.loads(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["weights"]) for h in history if h["step"] > 2] == [
+        (4, "model"), (4, "ema"), (6, "model"), (6, "ema")
+    ]  # fmt: skip
+    assert ema_run["metrics"]["weights"] == "ema"
+    assert ema_run["metrics"]["miou"] == history[-1]["miou"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["weights"] == "ema" and saved["step"] == 6
+    scalars = read_scalars(out / "tb")
+    assert [s for s, _ in scalars["val_ema/miou"]] == [4, 6] and 6 in dict(scalars["val/miou"])
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["ema"]["updates"] == 4 and ck["ema"]["decay"] == 0.5  # started at the step-2 weights
+    ema_mious = {h["step"]: h["miou"] for h in history if h["weights"] == "ema"}
+    best_step = load_checkpoint(out / "best.pt")["train_state"]["step"]
+    assert ema_mious[best_step] == max(ema_mious.values())
+
+
+def test_a_resume_without_an_ema_says_it_starts_one(tiny_shards, tmp_path: Path, capsys) -> None:
+    world = World(0, 0, 1, torch.device("cpu"), None)
+    cfg_path = REPO / "configs/cpu_small.yaml"
+    out = tmp_path / "run"
+    fit(load_config(cfg_path, _overrides(tiny_shards, out, "train.max_steps=1", "data.val_shards=null")), world)
+    capsys.readouterr()
+    more = _overrides(tiny_shards, out, "train.max_steps=2", "data.val_shards=null", "train.ema_decay=0.9")
+    fit(load_config(cfg_path, more), world)
+    assert "holds no weight EMA: train.ema_decay=0.9 starts one from its weights" in capsys.readouterr().out
+
+
+def test_evaluate_uses_the_ema_by_default_and_the_model_on_request(ema_run: dict, tmp_path: Path) -> None:
+    """The CLI as users type it; its numbers equal the trainer's evaluation of the same weights."""
+    out = ema_run["out"]
+    history = [json.loads(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    trained = {h["weights"]: h["miou"] for h in history if h["step"] == 6}
+    base = ["--config", str(REPO / "configs/cpu_small.yaml"), "--checkpoint", str(out / "last.pt")]
+    for weights, expect in (("auto", "ema"), ("ema", "ema"), ("model", "model")):
+        dest = tmp_path / weights
+        assert evaluate_main([*base, "--weights", weights, "--out", str(dest), *ema_run["overrides"]]) == 0
+        got = json.loads((dest / "metrics.json").read_text())
+        assert got["weights"] == expect and got["miou"] == trained[expect], (weights, got["miou"], trained)
+
+
+def test_weights_ema_on_a_checkpoint_without_one_names_the_file(tiny_shards, tmp_path: Path, capsys) -> None:
+    world = World(0, 0, 1, torch.device("cpu"), None)
+    out = tmp_path / "run"
+    overrides = _overrides(tiny_shards, out, "train.max_steps=1")
+    fit(load_config(REPO / "configs/cpu_small.yaml", overrides), world)
+    args = ["--config", str(REPO / "configs/cpu_small.yaml"), "--checkpoint", str(out / "last.pt")]
+    assert evaluate_main([*args, "--weights", "ema", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {out / 'last.pt'} holds no weight EMA" in err
