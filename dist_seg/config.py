@@ -176,6 +176,15 @@ class TrainConfig:
     """Use channels-last memory format for model and inputs."""
     compile: bool = False
     """torch.compile the model."""
+    grad_compression: str = "none"
+    """none | fp16 | bf16 | powersgd: DDP communication hook for the gradient all-reduce (torch's own hooks;
+    see README "Running on many GPUs and nodes"). fp16/bf16 halve the bytes sent; powersgd sends a rank-
+    train.powersgd_rank approximation after train.powersgd_start_step plain steps (its error-feedback state
+    is not checkpointed: a resumed powersgd run restarts it). Ignored in one process."""
+    powersgd_rank: int = 1
+    """PowerSGD's matrix approximation rank (higher: more accurate, more bytes)."""
+    powersgd_start_step: int = 1000
+    """Optimizer steps of plain all-reduce before PowerSGD starts (PowerSGD paper: warm up uncompressed)."""
     seed: int = 0
     """Seed for model init, data order and augmentation (per rank and worker derived from it)."""
     resume: str | None = "auto"
@@ -243,6 +252,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": ("ce", "ce+dice", "focal"),
     "train.amp": ("bf16", "fp16", "off"),
     "train.device": ("auto", "cuda", "cpu"),
+    "train.grad_compression": ("none", "fp16", "bf16", "powersgd"),
 }
 
 _POSITIVE: tuple[str, ...] = (
@@ -253,6 +263,7 @@ _POSITIVE: tuple[str, ...] = (
     "train.grad_accum",
     "train.max_nonfinite",
     "train.timeout_s",
+    "train.powersgd_rank",
 )
 
 
@@ -287,6 +298,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             f"config key train.early_stop_patience={cfg.train.early_stop_patience} needs data.val_shards: "
             "early stopping watches the validation mIoU"
+        )
+    if cfg.train.powersgd_start_step < 2:
+        # torch's PowerSGD needs >= 2 plain steps: DDP rebuilds its buckets after the first iteration
+        raise ValueError(
+            f"config key train.powersgd_start_step={cfg.train.powersgd_start_step}: must be >= 2"
         )
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ValueError(f"config key train.ema_decay={cfg.train.ema_decay}: must be in (0, 1) or null")

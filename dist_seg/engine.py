@@ -164,7 +164,9 @@ def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoa
     if (summary := pretrained_summary(model, str(cfg.model.pretrained))) is not None:
         _log(world, summary)
     # prepared before the optimizer is built, so the optimizer holds the parameters that train
-    model = D.prepare_model(model, world, cfg.train.sync_bn, cfg.train.channels_last, cfg.train.compile)
+    t = cfg.train
+    compression = (t.grad_compression, (t.powersgd_rank, t.powersgd_start_step))
+    model = D.prepare_model(model, world, t.sync_bn, t.channels_last, t.compile, *compression)
     optimizer, groups = build_optimizer(model, cfg.optim)
     _log(world, format_groups(groups))
     loader = build_train_loader(cfg.data, world.rank, world.world_size, cfg.train.seed)
