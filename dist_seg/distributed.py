@@ -91,6 +91,23 @@ def any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
+def any_rank_flags_tensor(flags: torch.Tensor) -> list[bool]:
+    """any_rank_flags for a bool tensor already on the device (made without reading anything back): one
+    all-reduce, then one read-back of the result."""
+    t = flags.to(torch.float32)
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def sum_across_ranks(values: torch.Tensor) -> list[float]:
+    """Element-wise SUM of a float tensor over ranks in one all-reduce, read back once."""
+    t = values.to(torch.float64)
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.tolist()]
+
+
 def mean_across_ranks(value: float, device: torch.device) -> float:
     if not _active():
         return value

@@ -61,8 +61,8 @@ class StepContext:
 
 @dataclass
 class StepOutput:
-    loss: float
-    grad_norm: float
+    loss: torch.Tensor  # 0-dim, on the device: read back only when a progress line is logged
+    grad_norm: torch.Tensor  # 0-dim, on the device
     skipped: bool  # no optimizer update this step (non-finite loss or gradients on some rank)
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
@@ -90,10 +90,13 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
         ctx.scaler.unscale_(ctx.optimizer)
     max_norm = ctx.clip_grad if ctx.clip_grad is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, max_norm)
-    # every rank takes the same branch: a rank that stepped alone would desynchronise the replicas
-    finite_loss, finite_grad = bool(torch.isfinite(total)), bool(torch.isfinite(grad_norm))
+    # every rank takes the same branch: a rank that stepped alone would desynchronise the replicas. The
+    # flags are made and all-reduced on the device, and read back once: the step's one host sync
     stop = ctx.stop is not None and ctx.stop.requested
-    flags = D.any_rank_flags([not finite_loss, not finite_grad, stop], ctx.device)
+    local = torch.stack(
+        [~torch.isfinite(total), ~torch.isfinite(grad_norm), torch.full((), stop, device=ctx.device)]
+    )
+    flags = D.any_rank_flags_tensor(local)
     nonfinite, bad_loss = flags[0] or flags[1], flags[0]
     if nonfinite:
         if ctx.scaler is not None:
@@ -107,8 +110,9 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
         ctx.ema.update(ctx.model)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scheduler.step()
+    # fp16 only: GradScaler reads its found-inf flag back every step anyway
     scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
-    return StepOutput(float(total), float(grad_norm), nonfinite, float(scale), bad_loss, flags[2])
+    return StepOutput(total, grad_norm.detach(), nonfinite, float(scale), bad_loss, flags[2])
 
 
 def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:

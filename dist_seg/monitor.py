@@ -21,14 +21,17 @@ from dist_seg.viz import class_palette
 
 
 class Window:
-    """Sums between two progress lines."""
+    """Sums between two progress lines. Loss and gradient norm stay on the device (0-dim tensors) until
+    Progress.log reads them, so a step does not wait for its own numbers."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.n = self.updates = 0
-        self.loss = self.grad_norm = self.wait = self.time = 0.0
+        self.loss: torch.Tensor | float = 0.0
+        self.grad_norm: torch.Tensor | float = 0.0
+        self.wait = self.time = 0.0
         self.scale, self.skipped_samples, self.remote_retries = 1.0, 0, 0
         self.t0 = time.perf_counter()
 
@@ -38,8 +41,8 @@ class Window:
         self.n += 1
         if not o.skipped:
             self.updates += 1
-            self.loss += o.loss
-            self.grad_norm += o.grad_norm
+            self.loss = self.loss + o.loss.detach().double()
+            self.grad_norm = self.grad_norm + o.grad_norm.detach().double()
         self.wait += wait
         self.time += dt
         self.scale, self.skipped_samples = o.loss_scale, skipped_samples
@@ -65,15 +68,26 @@ class Progress:
         rank calls it at the same steps)."""
         cfg, world, tb, w = self.cfg, self.world, self.tb, self.window
         total_steps = self.total_steps
-        # averages over the steps that updated the weights; NaN when every step of the window was skipped
-        loss = D.mean_across_ranks(w.loss / w.updates if w.updates else math.nan, world.device)
-        skipped = int(round(D.mean_across_ranks(float(w.skipped_samples), world.device) * world.world_size))
-        retries = int(round(D.mean_across_ranks(float(w.remote_retries), world.device) * world.world_size))
+        # averages over the steps that updated the weights (the same steps on every rank: the skip is
+        # decided across ranks); NaN when every step of the window was skipped. One all-reduce, one read.
+        sums = torch.stack(
+            [
+                torch.as_tensor(w.loss, dtype=torch.float64, device=world.device),
+                torch.as_tensor(w.grad_norm, dtype=torch.float64, device=world.device),
+                torch.tensor(float(w.skipped_samples), dtype=torch.float64, device=world.device),
+                torch.tensor(float(w.remote_retries), dtype=torch.float64, device=world.device),
+            ]
+        )
+        loss_sum, grad_sum, skipped_sum, retries_sum = D.sum_across_ranks(sums)
+        n_ranks = world.world_size
+        loss = loss_sum / n_ranks / w.updates if w.updates else math.nan
+        grad_norm = grad_sum / n_ranks / w.updates if w.updates else math.nan  # equal on every rank
+        skipped, retries = int(round(skipped_sum)), int(round(retries_sum))
         elapsed = time.perf_counter() - w.t0
         ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * world.world_size / max(elapsed, 1e-9)
         values = {
             "train/loss": loss,
-            "train/grad_norm": w.grad_norm / w.updates if w.updates else math.nan,
+            "train/grad_norm": grad_norm,
             "train/loss_scale": w.scale,
             "train/images_per_s": ips,
             "train/data_wait_frac": w.wait / max(w.time, 1e-9),

@@ -41,7 +41,7 @@ try:
         losses[hook] = []
         for s in range(STEPS):
             out = train_step(ctx, [(images[0, part], masks[0, part])], s + 1)  # one batch: a smooth descent
-            losses[hook].append(D.mean_across_ranks(out.loss, world.device))
+            losses[hook].append(D.mean_across_ranks(float(out.loss), world.device))
     if world.is_main:
         with open(sys.argv[1], "w") as f:
             json.dump(losses, f)
