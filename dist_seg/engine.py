@@ -27,10 +27,11 @@ from dist_seg.checkpoint import (
     training_checkpoint,
 )
 from dist_seg.config import Config, save_config, to_yaml
+from dist_seg.data.device import Prefetcher
 from dist_seg.data.eval_stream import build_eval_loader
 from dist_seg.data.remote import RemoteOptions
 from dist_seg.data.shards import ShardSet, dataset_classes
-from dist_seg.data.stream import TrainLoader, build_train_loader
+from dist_seg.data.stream import TRAIN_TENSORS, TrainLoader, build_train_loader
 from dist_seg.ema import WeightEMA
 from dist_seg.inference import compute_confusion
 from dist_seg.loop import Plan, TrainState
@@ -283,14 +284,15 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
     patience = cfg.train.early_stop_patience
     while state.step < total_steps and not state.patience_spent(patience):
         loader.set_position(state.data_position(plan.grad_accum))
-        it = iter(loader)
+        it = Prefetcher(iter(loader), world.device, TRAIN_TENSORS)  # the next batch copies during this step
         while not plan.epoch_done(state) and state.step < total_steps:
             faults.on_step(state.step + 1, world.rank)
             t0 = time.perf_counter()
             batches = [next(it) for _ in range(plan.grad_accum)]
             t1 = time.perf_counter()
             faults.record_keys(state.step + 1, world.rank, batches)
-            out_step = train_step(ctx, [(b.images, b.masks) for b in batches], state.step + 1)
+            inputs = [b.model_input(cfg.train.channels_last) for b in batches]  # uint8 -> float, on device
+            out_step = train_step(ctx, inputs, state.step + 1)
             state.record_step(out_step, cfg.train.max_nonfinite)
             progress.add(out_step, t1 - t0, time.perf_counter() - t0, loader.skipped, loader.remote_retries)
             if plan.should_log(state.step):

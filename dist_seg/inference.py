@@ -86,8 +86,8 @@ def compute_confusion(
         for i, (h, w) in enumerate(batch.sizes):
             groups.setdefault(padded_size(h, w, model.divisor, model.min_size), []).append(i)
         for (ph, pw), idx in groups.items():
-            images = batch.images[idx, :, :ph, :pw].to(device, non_blocking=True)
-            masks = batch.masks[idx, :ph, :pw].to(device, non_blocking=True)  # beyond each image: 255
+            images = batch.model_input(idx, ph, pw, device)
+            masks = batch.masks[idx, :ph, :pw].to(device, non_blocking=True).long()  # beyond an image: 255
             pred = model(images).argmax(1)
             cm.update(pred, masks)
             for j, i in enumerate(idx):

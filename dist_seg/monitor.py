@@ -13,7 +13,6 @@ import torch
 
 from dist_seg import distributed as D
 from dist_seg.config import Config
-from dist_seg.data.transforms import denormalize
 from dist_seg.loop import StepResult
 from dist_seg.metrics import to_jsonable
 from dist_seg.tb import TBLogger
@@ -161,7 +160,7 @@ def report_eval(
         {f"{tag}/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
     )
     if kept and primary:
-        images = torch.stack([denormalize(k[0], cfg.data) for k in same_size(kept)])
+        images = torch.stack([k[0].float() / 255 for k in same_size(kept)])  # uint8 as the loader gave it
         tb.image_triplets(
             images,
             torch.stack([k[1] for k in same_size(kept)]),

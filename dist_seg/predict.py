@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from dist_seg import distributed as D
 from dist_seg.config import Config
 from dist_seg.config_loading import load_config
-from dist_seg.data.transforms import denormalize
+from dist_seg.data.device import plain_colour, to_model_input
 from dist_seg.inference import (
     Predictor,
     add_inference_args,
@@ -105,10 +105,12 @@ def predict_items(
     """Write each item's palette PNG (and overlay); with opts.submission, return (index, image_id, map at
     opts.submission_size) per item, sorted by index. Batches hold cfg.data.eval_batch_size images."""
     palette, out = class_palette(num_classes), Path(opts.out)
+    colour = plain_colour(cfg.data.mean, cfg.data.std)[None]
     small: list[tuple[int, str, np.ndarray]] = []
     with progress(total, "predict", enabled=not opts.quiet) as bar:
         for group in grouped(items, cfg.data.eval_batch_size):
-            probs = predictor(torch.stack([it.image for it in group]))
+            images = torch.stack([it.image for it in group]).to(predictor.device, non_blocking=True)
+            probs = predictor(to_model_input(images, colour))
             for it, p in zip(group, probs, strict=True):
                 label = labels_at(p, it.orig_size)
                 save_palette_png(label, out / f"{it.out_rel}.png", palette)
@@ -121,7 +123,7 @@ def predict_items(
 
 
 def _save_overlay(it: Item, label: np.ndarray, cfg: Config, path: Path, palette: np.ndarray) -> None:
-    rgb = denormalize(it.image, cfg.data)
+    rgb = it.image.float() / 255
     if tuple(rgb.shape[-2:]) != it.orig_size:  # data.eval_resize: back to the label map's size
         rgb = resize(rgb[None], it.orig_size)[0].clamp(0, 1)
     rgb_u8 = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

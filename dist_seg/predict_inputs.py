@@ -25,7 +25,7 @@ class Item:
     index: int  # position in this rank's input order
     image_id: str  # CSV image_id: the COCO file_name (or path relative to --images)
     out_rel: str  # output path relative to --out, without suffix
-    image: Tensor  # float32 [3, h, w], normalised, at the eval size
+    image: Tensor  # uint8 [3, h, w] at the eval size (normalised on the device)
     orig_size: tuple[int, int]
 
 

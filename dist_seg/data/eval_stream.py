@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from dist_seg.config import DataConfig
+from dist_seg.data.device import plain_colour, to_model_input
 from dist_seg.data.plan import eval_pieces
 from dist_seg.data.remote import RemoteOptions
 from dist_seg.data.shard_read import (
@@ -32,14 +34,22 @@ from dist_seg.data.workers import make_dataloader, worker_slot
 
 @dataclass
 class EvalBatch:
-    images: Tensor  # float32 [B, 3, H, W], padded bottom/right with 0 (the mean colour)
-    masks: Tensor | None  # int64 [B, H, W], padding 255; None for shards without label maps
+    images: Tensor  # uint8 [B, 3, H, W], padded bottom/right; device.to_model_input(..., sizes) normalises
+    masks: Tensor | None  # uint8 [B, H, W], padding 255; None for shards without label maps
     keys: list[str]
     sizes: list[tuple[int, int]]  # (h, w) of each image inside the padded batch: crop predictions to it
     orig_sizes: list[tuple[int, int]]  # (h, w) of the stored image (differs from sizes with eval_resize)
     meta: list[dict[str, Any] | None]  # each sample's KEY.json (file_name, image_id, ...)
     skipped: int
     worker: int
+    colour: Tensor | None = None  # [1, COLOUR_ROWS, 3]: data.mean/std normalisation (device.plain_colour)
+
+    def model_input(self, idx: list[int], height: int, width: int, device: torch.device) -> Tensor:
+        """Images `idx`, cut to height x width, on `device`, normalised; 0 beyond each image's size."""
+        images = self.images[idx, :, :height, :width].to(device, non_blocking=True)
+        sizes = torch.tensor([self.sizes[i] for i in idx], dtype=torch.int32)
+        assert self.colour is not None
+        return to_model_input(images, self.colour, sizes)
 
     def pin_memory(self) -> EvalBatch:
         masks = self.masks.pin_memory() if self.masks is not None else None
@@ -60,6 +70,7 @@ class _EvalStream(IterableDataset):
         self.cfg, self.shard_set, self.rank, self.world_size = cfg, shard_set, rank, world_size
         self.size_divisor, self.min_size = size_divisor, min_size
         self.transform = EvalTransform(cfg)
+        self.colour = plain_colour(cfg.mean, cfg.std)[None]
         self.reader = ShardReader(shard_set, RemoteOptions.from_config(cfg))
 
     def __iter__(self) -> Iterator[EvalBatch]:
@@ -95,6 +106,7 @@ class _EvalStream(IterableDataset):
             [s.meta for s, _, _ in batch],
             skipped,
             worker,
+            self.colour,
         )
 
 

@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_seg.config import DataConfig
+from dist_seg.data.device import COLOUR_ROWS, to_model_input
 from dist_seg.data.plan import (
     TAG_AUG,
     TAG_REFILL,
@@ -89,17 +90,34 @@ _REFILL_RING = 16  # recent good samples a worker may re-use in place of skipped
 
 
 # ---------------------------------------------------------------------------------------------- training
+TRAIN_TENSORS = ("images", "masks", "colour", "sizes")  # what device.Prefetcher moves of a TrainBatch
+
+
 @dataclass
 class TrainBatch:
-    images: Tensor  # float32 [B, 3, crop, crop], normalised
-    masks: Tensor  # int64 [B, crop, crop], 255 = ignore
+    """One loader batch, as uint8: the model's input is `device.to_model_input(images, colour, sizes)`."""
+
+    images: Tensor  # uint8 [B, 3, crop, crop], channels-last memory; beyond each sample's size: 0
+    masks: Tensor  # uint8 [B, crop, crop], 255 = ignore
+    colour: Tensor  # float32 [B, COLOUR_ROWS, 3]: each sample's jitter + normalisation (device.py)
+    sizes: Tensor  # int32 [B, 2]: each sample's content height and width (the rest is padding)
     keys: list[str]
     skipped: int  # samples this worker has skipped so far in this epoch
     worker: int
     retries: int = 0  # transient network faults this worker has retried so far in this pass
 
+    def model_input(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+        """(float32 normalised images, int64 masks) on the batch's device: call after moving it there."""
+        return to_model_input(self.images, self.colour, self.sizes, channels_last), self.masks.long()
+
     def pin_memory(self) -> TrainBatch:  # DataLoader(pin_memory=True) calls this
-        return dataclasses.replace(self, images=self.images.pin_memory(), masks=self.masks.pin_memory())
+        return dataclasses.replace(
+            self,
+            images=self.images.pin_memory(),
+            masks=self.masks.pin_memory(),
+            colour=self.colour.pin_memory(),
+            sizes=self.sizes.pin_memory(),
+        )
 
 
 @dataclass(frozen=True)
@@ -157,19 +175,21 @@ class _TrainStream(IterableDataset):
         retries_before = retry_count()
         samples = self._samples(pieces, done * b, (n_batches - done) * b, seeds, errors)
         for _ in range(n_batches - done):
-            images, masks = (
-                _batch_tensor((b, 3, crop, crop), torch.float32),
-                _batch_tensor((b, crop, crop), torch.int64),
-            )
+            images = _batch_tensor((b, crop, crop, 3), torch.uint8).permute(0, 3, 1, 2)  # channels-last
+            masks = _batch_tensor((b, crop, crop), torch.uint8)
+            colour = _batch_tensor((b, COLOUR_ROWS, 3), torch.float32)
+            sizes = _batch_tensor((b, 2), torch.int32)
             keys = []
             for i in range(b):
                 s, sample_id = next(samples)
                 assert s.mask is not None
-                # augmentation drawn per sample: the same crop and flip whichever reader, rank or resume
+                # augmentation drawn per sample: the same crop, flip and colour whichever reader, rank or resume
                 rng = random.Random(derive_seed(TAG_AUG, self.seed, epoch, sample_id))
-                self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
+                colour[i], size = self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
+                sizes[i, 0], sizes[i, 1] = size
                 keys.append(s.key)
-            yield TrainBatch(images, masks, keys, errors.count, worker, retry_count() - retries_before)
+            retries = retry_count() - retries_before
+            yield TrainBatch(images, masks, colour, sizes, keys, errors.count, worker, retries)
 
     def _samples(
         self, pieces: list[Piece], start: int, quota: int, seeds: tuple[int, ...], errors: ErrorPolicy

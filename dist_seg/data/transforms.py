@@ -11,7 +11,11 @@ missing at the bottom/right (image 0 after normalisation, i.e. the mean colour; 
 jitter (brightness, contrast, saturation ~ U(1 - j, 1 + j)) and normalisation. Rather than resizing the whole
 image and cropping, the crop window is mapped back to the original image and only that region is resized, so
 a 2x upscale of a large image costs one crop's worth of work. Jitter and normalisation are all linear in the
-pixel and run as one 3x3 matrix product (see `colour_matrix`).
+pixel: the worker draws them and folds them into one 3x3 matrix and a bias (see `colour_matrix`), which
+dist_seg.data.device.to_model_input applies to the uint8 batch on the training device.
+
+Evaluation and prediction hand over uint8 too (resized when data.eval_resize is set); their normalisation
+is the same device function with `device.plain_colour`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor
 
 from dist_seg.config import DataConfig
 from dist_seg.data import IGNORE_INDEX
+from dist_seg.data.device import COLOUR_ROWS, plain_colour, to_model_input
 
 
 def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
@@ -66,16 +71,21 @@ def colour_matrix(
         [(s * c * b * (i == j) + (1.0 - s) * c * b * LUMA[i]) / (255.0 * std[j]) for j in range(3)]
         for i in range(3)
     ]
-    bias = [((1.0 - c) * m - mean[j]) / std[j] for j in range(3)]
+    # the contrast's constant (1 - c) m through the saturation blend: s + (1 - s) x sum(LUMA), and the 601
+    # weights sum to 0.9999, not 1
+    grey = (1.0 - c) * m * (s + (1.0 - s) * sum(LUMA))
+    bias = [(grey - mean[j]) / std[j] for j in range(3)]
     return torch.tensor(a), torch.tensor(bias)
 
 
 class TrainTransform:
     """(uint8 image [3, H, W], uint8 mask [H, W], rng) -> (float32 [3, crop, crop], uint8 [crop, crop]).
 
-    `apply` writes straight into slots of a preallocated batch, which saves the padding and stacking copies.
-    Geometry works on the decoder's HWC uint8 layout (torch's fast uint8 resize path); the colour step makes
-    the output CHW.
+    `apply` is what loader workers run: the geometry only, written as uint8 straight into slots of a
+    preallocated batch (which saves the padding and stacking copies), returning the sample's colour rows and
+    content size for the device step. Geometry works on the decoder's HWC uint8 layout (torch's fast uint8
+    resize path); a channels-last batch slot takes it without a transposing copy. `__call__` runs both halves
+    on the CPU (tests, tools).
     """
 
     def __init__(self, cfg: DataConfig):
@@ -86,18 +96,20 @@ class TrainTransform:
         self.mean, self.std = list(cfg.mean), list(cfg.std)
         self.lo = [-m / s for m, s in zip(cfg.mean, cfg.std, strict=True)]  # 0 and 1, normalised
         self.hi = [(1.0 - m) / s for m, s in zip(cfg.mean, cfg.std, strict=True)]
-        self.plain = colour_matrix(
-            [0.0, 0.0, 0.0], (1.0, 1.0, 1.0), self.mean, self.std
-        )  # normalisation only
+        self.plain = plain_colour(self.mean, self.std)
 
     def __call__(self, image: Tensor, mask: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
-        out = torch.empty(3, self.crop, self.crop)
+        out = torch.empty(1, self.crop, self.crop, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
         out_mask = torch.empty(self.crop, self.crop, dtype=torch.uint8)
-        self.apply(image, mask, rng, out, out_mask)
-        return out, out_mask
+        colour, size = self.apply(image, mask, rng, out[0], out_mask)
+        return to_model_input(out, colour[None], torch.tensor([size]))[0], out_mask
 
-    def apply(self, image: Tensor, mask: Tensor, rng: random.Random, out: Tensor, out_mask: Tensor) -> None:
-        """Augment one sample into out (contiguous float32 [3, crop, crop]) and out_mask ([crop, crop], integer)."""
+    def apply(
+        self, image: Tensor, mask: Tensor, rng: random.Random, out: Tensor, out_mask: Tensor
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """Augment one sample's geometry into out (uint8 [3, crop, crop], best channels-last) and out_mask
+        (uint8 [crop, crop]); return its colour rows [COLOUR_ROWS, 3] and content size (h, w) for
+        device.to_model_input. The random draws, in order: scale, crop place, flip, jitter factors."""
         crop = self.crop
         h, w = image.shape[-2:]
         s = rng.uniform(*self.scale)
@@ -112,46 +124,38 @@ class TrainTransform:
         assert mask_r is not None
         if rng.random() < self.hflip_prob:
             image, mask_r = image.flip(-1), mask_r.flip(-1)
-        pixels = torch.empty(3, out_h * out_w)
-        pixels.view(3, out_h, out_w).copy_(image)  # HWC uint8 -> CHW float in one pass
-        if self.jitter > 0:
-            factors = (rng.uniform(1.0 - self.jitter, 1.0 + self.jitter) for _ in range(3))
-            # the contrast's mean grey level, from every 4th row and column: plenty for an augmentation
-            sub_mean = image[:, ::4, ::4].float().mean((1, 2)).tolist()
-            a, bias = colour_matrix(sub_mean, tuple(factors), self.mean, self.std)
-        else:
-            a, bias = self.plain
-        # one [3, 3] x [3, h*w] product, written straight into the output when nothing needs padding
-        full = (out_h, out_w) == (crop, crop)
-        values = out.view(3, -1) if full else torch.empty(3, out_h * out_w)
-        torch.addmm(bias[:, None], a.t(), pixels, out=values)
-        if self.jitter > 0:
-            for ch in range(3):  # clip to the 0..1 colour range, expressed in normalised units
-                values[ch].clamp_(self.lo[ch], self.hi[ch])
-        if not full:
-            out[:, :out_h, :out_w].copy_(values.view(3, out_h, out_w))
+        out[:, :out_h, :out_w].copy_(image)
         out_mask[:out_h, :out_w].copy_(mask_r)
-        if (out_h, out_w) != (crop, crop):  # pad bottom/right: image 0 (the mean colour), mask 255
-            out[:, out_h:].zero_()
-            out[:, :out_h, out_w:].zero_()
+        if (out_h, out_w) != (crop, crop):  # pad bottom/right: mask 255; the image's padding becomes 0 (the
+            out[:, out_h:].zero_()  # mean colour) on the device, from the content size; zeroed here so
+            out[:, :out_h, out_w:].zero_()  # that a batch never carries stale bytes
             out_mask[out_h:].fill_(IGNORE_INDEX)
             out_mask[:out_h, out_w:].fill_(IGNORE_INDEX)
+        if self.jitter <= 0:
+            return self.plain, (out_h, out_w)
+        factors = tuple(rng.uniform(1.0 - self.jitter, 1.0 + self.jitter) for _ in range(3))
+        # the contrast's mean grey level, from every 4th row and column: plenty for an augmentation
+        sub_mean = image[:, ::4, ::4].float().mean((1, 2)).tolist()
+        a, bias = colour_matrix(sub_mean, factors, self.mean, self.std)  # type: ignore[arg-type]
+        colour = torch.empty(COLOUR_ROWS, 3)
+        colour[:3], colour[3] = a, bias
+        colour[4], colour[5] = torch.tensor(self.lo), torch.tensor(self.hi)  # the 0..1 range, normalised
+        return colour, (out_h, out_w)
 
 
 class EvalTransform:
-    """(uint8 image, uint8 mask or None) -> (float32 normalised image, mask); optional shorter-side resize."""
+    """(uint8 image, uint8 mask or None) -> (uint8 image, mask), resized (shorter side) with data.eval_resize;
+    normalisation happens on the device (`device.to_model_input` with `device.plain_colour`)."""
 
     def __init__(self, cfg: DataConfig):
         self.resize = cfg.eval_resize
-        self.mean = torch.tensor(cfg.mean, dtype=torch.float32)
-        self.std = torch.tensor(cfg.std, dtype=torch.float32)
 
     def __call__(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if self.resize:
             h, w = image.shape[-2:]
             r = self.resize / min(h, w)
             image, mask = resize_pair(image, mask, (max(1, round(h * r)), max(1, round(w * r))))
-        return normalize(image, self.mean, self.std), mask
+        return image, mask
 
 
 def train_transform(cfg: DataConfig) -> TrainTransform:
@@ -175,8 +179,8 @@ def padded_size(h: int, w: int, size_divisor: int, min_size: int) -> tuple[int, 
 def pad_batch(
     images: list[Tensor], masks: list[Tensor] | None, size_divisor: int, min_size: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Stack variable-size normalised images [3, h, w] padded bottom/right with 0 (the mean colour) to a common
-    size that is a multiple of size_divisor and >= min_size; masks padded with 255, returned as int64."""
+    """Stack variable-size images [3, h, w] (uint8 or float) padded bottom/right with 0 to a common size that
+    is a multiple of size_divisor and >= min_size; masks padded with 255, returned as uint8."""
     h, w = padded_size(
         max(i.shape[-2] for i in images), max(i.shape[-1] for i in images), size_divisor, min_size
     )
@@ -185,7 +189,7 @@ def pad_batch(
         out[i, :, : im.shape[-2], : im.shape[-1]] = im
     if masks is None:
         return out, None
-    mout = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=torch.int64)
+    mout = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=torch.uint8)
     for i, m in enumerate(masks):
         mout[i, : m.shape[-2], : m.shape[-1]] = m
     return out, mout

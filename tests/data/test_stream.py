@@ -45,10 +45,15 @@ def test_train_batches_shapes_reproducible_and_reshuffled(data: dict[str, Path])
     c = cfg(train_shards=str(data["train4"]), batch_size=4)
     a, b = build_train_loader(c, 0, 1, seed=3), build_train_loader(c, 0, 1, seed=3)
     for x, y in zip(a, b, strict=True):
-        assert x.images.shape == (4, 3, 24, 24) and x.images.dtype == torch.float32
-        assert x.masks.shape == (4, 24, 24) and x.masks.dtype == torch.int64
+        assert x.images.shape == (4, 3, 24, 24) and x.images.dtype == torch.uint8  # a quarter of float32
+        assert x.images.is_contiguous(memory_format=torch.channels_last)
+        assert x.masks.shape == (4, 24, 24) and x.masks.dtype == torch.uint8
+        assert x.colour.shape == (4, 6, 3) and x.sizes.shape == (4, 2) and x.sizes.dtype == torch.int32
         assert set(x.masks.unique().tolist()) <= {0, 1, 2, 255}
         assert x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.masks, y.masks)
+        assert torch.equal(x.colour, y.colour) and torch.equal(x.sizes, y.sizes)  # colour drawn per sample
+        images, masks = x.model_input()
+        assert images.dtype == torch.float32 and masks.dtype == torch.int64
     _, e0 = epoch_keys(a, 0)
     _, e1 = epoch_keys(a, 1)
     assert sorted(e0) == sorted(e1) and e0 != e1

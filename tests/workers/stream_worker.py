@@ -46,7 +46,7 @@ def main() -> None:
             loader.set_epoch(epoch)
             keys, steps = [], 0
             for batch in loader:
-                assert batch.images.shape == (a.batch, 3, 24, 24) and batch.masks.dtype == torch.int64
+                assert batch.images.shape == (a.batch, 3, 24, 24) and batch.masks.dtype == torch.uint8
                 dist.all_reduce(torch.ones(1))
                 keys += batch.keys
                 steps += 1

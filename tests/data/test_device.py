@@ -1,0 +1,105 @@
+"""The device half of the input pipeline (dist_seg.data.device): uint8 + per-sample colour rows -> normalised
+float32 against a float64 torchvision reference, at float32 and under bf16 autocast, on awkward inputs;
+padding; the eval normalisation; the prefetcher's pass-through on CPU."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from dist_seg.config import DataConfig
+from dist_seg.data.device import Prefetcher, plain_colour, to_model_input
+from dist_seg.data.transforms import TrainTransform
+
+
+def _reference(
+    u8: torch.Tensor, factors: tuple[float, float, float], cfg: DataConfig, sub_mean_img
+) -> torch.Tensor:
+    """float64: torchvision's brightness, contrast (around the grey mean of `sub_mean_img`), saturation,
+    one clip to 0..1, then normalisation: what the CPU path computed before the work moved to the device."""
+    b, c, s = factors
+    x = u8.double() / 255
+    x = x * b  # TF.adjust_brightness without its clamp (the pipeline clips once, at the end)
+    grey = (0.2989 * sub_mean_img[0] + 0.587 * sub_mean_img[1] + 0.114 * sub_mean_img[2]) / 255 * b
+    x = c * x + (1 - c) * grey
+    lum = 0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    x = s * x + (1 - s) * lum
+    x = x.clamp(0, 1)
+    mean, std = torch.tensor(cfg.mean, dtype=torch.float64), torch.tensor(cfg.std, dtype=torch.float64)
+    return (x - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high", "mean", "std"),
+    [
+        ("natural", 0, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ("near-white, tiny spread", 250, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ("large mean offset, tiny std", 120, 124, (0.99, 0.01, 0.5), (0.004, 0.004, 0.004)),
+    ],
+)
+def test_training_colour_matches_a_float64_reference(name: str, low: int, high: int, mean, std) -> None:
+    """Scale fixed at 1 and the crop the image's size, so the test can replay the sample's random draws
+    (scale, crop place, flip, then the three jitter factors) and know the factors it got."""
+    jitter = 0.4
+    cfg = DataConfig(crop_size=40, scale_min=1.0, scale_max=1.0, hflip_prob=0.5, color_jitter=jitter)
+    cfg.mean, cfg.std = list(mean), list(std)
+    t = TrainTransform(cfg)
+    g = torch.Generator().manual_seed(0)
+    for seed in range(12):
+        image = torch.randint(low, high, (3, 40, 40), dtype=torch.uint8, generator=g)
+        out = torch.empty(1, 40, 40, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+        colour, size = t.apply(
+            image,
+            torch.zeros(40, 40, dtype=torch.uint8),
+            random.Random(seed),
+            out[0],
+            torch.empty(40, 40, dtype=torch.uint8),
+        )
+        assert size == (40, 40)
+        replay = random.Random(seed)
+        replay.uniform(1.0, 1.0), replay.randint(0, 0), replay.randint(0, 0), replay.random()
+        factors = tuple(replay.uniform(1 - jitter, 1 + jitter) for _ in range(3))
+        got = to_model_input(out, colour[None], torch.tensor([size]))[0]
+        assert got.dtype == torch.float32
+        content = out[0]
+        ref = _reference(content, factors, cfg, content[:, ::4, ::4].double().mean((1, 2)))
+        # float32 colour rows and sums of terms up to ~6x the result: measured up to 8e-6 at |x| ~ 2.6
+        scale = ref.abs().max().item() + 1.0
+        err = (got.double() - ref).abs().max().item()
+        assert err <= 1e-5 * scale, f"{name}, seed {seed}: max error {err:.2e} at scale {scale:.1f}"
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what train.amp=bf16 wraps the step in
+            amp = to_model_input(out, colour[None], torch.tensor([size]))[0]
+        assert amp.dtype == torch.float32 and torch.equal(amp, got)
+
+
+def test_eval_normalisation_is_plain_and_pads_with_zero() -> None:
+    cfg = DataConfig()
+    images = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8)
+    got = to_model_input(images, plain_colour(cfg.mean, cfg.std)[None], torch.tensor([[8, 12], [5, 7]]))
+    ref = TF.normalize(images.double() / 255, cfg.mean, cfg.std)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1, :, :5, :7].double(), ref[1, :, :5, :7], rtol=0, atol=1e-5)
+    assert torch.all(got[1, :, 5:] == 0) and torch.all(got[1, :, :, 7:] == 0)
+    whole = to_model_input(images, plain_colour(cfg.mean, cfg.std)[None])
+    torch.testing.assert_close(whole.double(), ref, rtol=0, atol=1e-5)
+    assert to_model_input(images, plain_colour(cfg.mean, cfg.std)[None], channels_last=True).is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+@dataclass
+class _Batch:
+    images: torch.Tensor
+    keys: list[str]
+
+
+def test_the_prefetcher_passes_cpu_batches_through_in_order() -> None:
+    batches = [_Batch(torch.full((1,), i), [str(i)]) for i in range(4)]
+    got = list(Prefetcher(iter(batches), torch.device("cpu"), ("images",)))
+    assert [b.keys for b in got] == [["0"], ["1"], ["2"], ["3"]]
+    assert all(g is b for g, b in zip(got, batches, strict=True))
+    assert list(Prefetcher(iter([]), torch.device("cpu"), ("images",))) == []
