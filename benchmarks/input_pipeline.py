@@ -89,7 +89,7 @@ class CocoBaseline(Dataset):
 
 class _NoTransform:
     def apply(self, image, mask, rng, out, out_mask):  # transforms off: the decoded sample is dropped
-        return torch.zeros(6, 3), (0, 0)
+        return torch.zeros(4, 3), (0, 0)
 
 
 def run_pipeline(cfg: DataConfig, transform: bool, device_side: bool = False) -> int:

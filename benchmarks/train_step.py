@@ -1,7 +1,13 @@
 """Framework overhead of engine.train_step vs a bare hand-written loop, multi-process CPU throughput, GPU table.
 
     python benchmarks/train_step.py                    # CPU: overhead + images/s for 1 and 2 processes
-    python benchmarks/train_step.py --gpu              # also the GPU section (when CUDA is available)
+    python benchmarks/train_step.py --gpu --steps 20   # the GPU section alone, one call on a GPU machine
+    python benchmarks/train_step.py --gpu-smoke        # the GPU section's code on CPU, tiny: a check
+
+GPU section: img/s and model-FLOPs utilisation of full-width DeconvNet at 512x512 bf16 for batch 4/8/16,
+with and without channels_last and torch.compile; then the real input path (synthetic shards, 8 loader
+workers, pinned memory, side-stream prefetch, colour on the device) with its data-wait share and the host
+syncs of one training step counted by CUDA's sync debug mode.
 
 Overhead: the same model, batch, precision and in-memory data go through (a) a bare loop (autocast forward,
 cross-entropy, backward, optimizer step) and (b) dist_seg's train_step (which adds the gradient-norm
@@ -162,47 +168,110 @@ def processes(args: argparse.Namespace) -> dict[int, float]:
     return out
 
 
-def gpu_section(steps: int) -> None:
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
+def pipeline_run(dev: torch.device, width: float, size: int, batch: int, steps: int, workers: int) -> str:
+    """The real input path: synthetic 512x512 polygon shards -> loader workers (uint8 geometry) -> Prefetcher
+    (side-stream copy) -> to_model_input (colour on the device) -> train_step. Reports img/s and the share of
+    step time spent waiting for data, and the host syncs of one step (CUDA's sync debug mode)."""
+    import tempfile
+    import warnings
+
+    from dist_seg.config import DataConfig
+    from dist_seg.data.convert import ConvertOptions, convert
+    from dist_seg.data.device import Prefetcher
+    from dist_seg.data.stream import TRAIN_TENSORS, build_train_loader
+    from dist_seg.data.synth import generate
+
+    with tempfile.TemporaryDirectory() as t:
+        g = generate(Path(t) / "synth", images=max(64, 2 * batch), val_images=0, size=512, seed=0)
+        convert(
+            ConvertOptions(
+                str(g["train_json"]), str(g["images_dir"]), f"{t}/shards", min_shards=8, progress=False
+            )
+        )
+        cfg = DataConfig(
+            train_shards=f"{t}/shards", crop_size=size, batch_size=batch, num_workers=workers,
+            pin_memory=dev.type == "cuda", shuffle_buffer=16,
+        )  # fmt: skip
+        model, opt = make("deconvnet", width, 11, "bf16", dev, True)
+        ctx = ctx_for(model, opt, "bf16", dev, 11, True)
+        loader = build_train_loader(cfg, 0, 1, seed=0)
+        done, syncs = 0, None
+        _sync(dev)
+        t0 = time.perf_counter()
+        while done < steps:
+            it = Prefetcher(iter(loader), dev, TRAIN_TENSORS)
+            for b in it:
+                images, masks = b.model_input(channels_last=True)
+                if dev.type == "cuda" and done == 3:  # one step in the middle, under the sync detector
+                    torch.cuda.set_sync_debug_mode("warn")
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        train_step(ctx, [(images, masks)], done + 1)
+                    torch.cuda.set_sync_debug_mode(0)
+                    syncs = len(caught)
+                else:
+                    train_step(ctx, [(images, masks)], done + 1)
+                done += 1
+                if done >= steps:
+                    break
+        _sync(dev)
+        total = time.perf_counter() - t0
+    # data wait: the share of the run the same steps on in-memory tensors would not have needed
+    step_only = _model_only_ips(dev, width, size, batch, steps)
+    ips = done * batch / total
+    wait_share = max(0.0, 1.0 - ips / step_only) if step_only else float("nan")
+    return (
+        f"pipeline deconvnet w{width} {size}px bf16 channels_last batch {batch}, {workers} workers: {ips:.1f} img/s, "
+        f"data-wait share {wait_share:.0%} (vs {step_only:.1f} img/s on in-memory tensors)"
+        + (f", host syncs in one step: {syncs}" if syncs is not None else "")
+    )
+
+
+def _model_only_ips(dev: torch.device, width: float, size: int, batch: int, steps: int, compile_: bool = False,
+                    channels_last: bool = True) -> float:  # fmt: skip
+    model, opt = make("deconvnet", width, 11, "bf16", dev, channels_last)
+    ctx = ctx_for(torch.compile(model) if compile_ else model, opt, "bf16", dev, 11, channels_last)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 11, (batch, size, size), device=dev)
+    for i in range(3):
+        train_step(ctx, [(x, y)], i + 1)
+    _sync(dev)
+    t = time.perf_counter()
+    for i in range(steps):
+        train_step(ctx, [(x, y)], i + 4)
+    _sync(dev)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def gpu_section(steps: int, dev: torch.device | None = None, width: float = 1.0, size: int = 512) -> None:
+    """img/s and model-FLOPs utilisation of DeconvNet, bf16, for batch sizes x channels_last x torch.compile,
+    then the real input path's data-wait share. `dev`/`width`/`size` let a CPU smoke run exercise the code."""
+    dev = dev or torch.device("cuda")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke run)"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     print(f"GPU: {name}")
-    flops_per_img = 3 * 2 * 192.0e9  # forward MACs of DeconvNet at 512^2 x 2 FLOPs x 3 (fwd + bwd)
-    for amp, cl, comp in (
-        ("off", False, False),
-        ("bf16", False, False),
-        ("bf16", True, False),
-        ("bf16", True, True),
+    # forward MACs of DeconvNet at 512^2 (benchmarks/models.py) x 2 FLOPs x 3 (forward + backward)
+    flops_per_img = 3 * 2 * 192.0e9 * (size / 512) ** 2 * width**2
+    for batch, cl, comp in (
+        (4, True, False),
+        (8, False, False),
+        (8, True, False),
+        (8, True, True),
+        (16, True, False),
     ):
-        model, opt = make("deconvnet", 1.0, 11, amp, dev, cl)
-        run_model = torch.compile(model) if comp else model
-        ctx = ctx_for(run_model, opt, amp, dev, 11, cl)
-        x = torch.randn(8, 3, 512, 512, device=dev)
-        y = torch.randint(0, 11, (8, 512, 512), device=dev)
-        for i in range(3):
-            train_step(ctx, [(x, y)], i + 1)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for i in range(steps):
-            train_step(ctx, [(x, y)], i + 4)
-        torch.cuda.synchronize()
-        ips = steps * 8 / (time.perf_counter() - t)
+        ips = _model_only_ips(dev, width, size, batch, steps, comp, cl)
         mfu = f", MFU {ips * flops_per_img / (peak * 1e12):.1%}" if peak else ""
-        print(f"deconvnet 512px batch 8 amp={amp} channels_last={cl} compile={comp}: {ips:.1f} img/s{mfu}")
-        del model, opt, ctx, run_model
-        torch.cuda.empty_cache()
-    for batch in (2, 4, 8, 16):
-        model, opt = make("deconvnet", 1.0, 11, "bf16", dev, True)
-        ctx = ctx_for(model, opt, "bf16", dev, 11, True)
-        torch.cuda.reset_peak_memory_stats()
-        x = torch.randn(batch, 3, 512, 512, device=dev)
-        y = torch.randint(0, 11, (batch, 512, 512), device=dev)
-        train_step(ctx, [(x, y)], 1)
         print(
-            f"deconvnet 512px bf16 batch {batch}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            f"deconvnet {size}px bf16 batch {batch} channels_last={cl} compile={comp}: {ips:.1f} img/s{mfu}"
         )
-        del model, opt, ctx
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.empty_cache()
+    workers = min(8, os.cpu_count() or 1)
+    print(pipeline_run(dev, width, size, 8, max(steps, 20), workers))
 
 
 def main() -> None:
@@ -214,15 +283,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     p.add_argument("--gpu", action="store_true")
+    p.add_argument(
+        "--gpu-smoke", action="store_true", help="run the GPU section's code on CPU, tiny (a check)"
+    )
     p.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ddp_child:
         return ddp_child(args)
     torch.set_num_threads(os.cpu_count() or 1)
-    processes(args)
-    if args.gpu and torch.cuda.is_available():
+    if args.gpu_smoke:
+        return gpu_section(2, torch.device("cpu"), width=0.0625, size=224)
+    if args.gpu:  # the GPU section alone: one call on a lent GPU machine (~5 min on an H100-class GPU)
+        if not torch.cuda.is_available():
+            sys.exit("--gpu: CUDA is not available here (try --gpu-smoke for a CPU check of the code)")
         gpu_section(args.steps)
-        overhead("deconvnet", 1.0, 512, 8, "bf16", args.steps, torch.device("cuda"))
+        ratio = overhead("deconvnet", 1.0, 512, 8, "bf16", args.steps, torch.device("cuda"))
+        print(f"gpu_overhead={ratio:.2f}")
+        return None
+    processes(args)
     ratio = overhead(args.model, args.width, args.size, args.batch, args.amp, args.steps, torch.device("cpu"))
     print(f"overhead={ratio:.2f}")
 

@@ -18,43 +18,75 @@ from typing import Any
 import torch
 from torch import Tensor
 
-COLOUR_ROWS = 6  # per sample: A (3 rows of 3), bias, clip low, clip high (normalised units)
+COLOUR_ROWS = 4  # per sample: A (3 rows of 3), then the bias (normalised units)
+Clip = tuple[Sequence[float], Sequence[float]]  # per-channel (low, high) of the 0..1 range, normalised
 
 
 def plain_colour(mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """[COLOUR_ROWS, 3]: normalisation only (x / 255 - mean) / std, no clipping."""
+    """[COLOUR_ROWS, 3]: normalisation only, (x / 255 - mean) / std."""
     colour = torch.zeros(COLOUR_ROWS, 3)
     for j in range(3):
         colour[j, j] = 1.0 / (255.0 * std[j])
         colour[3, j] = -mean[j] / std[j]
-    colour[4], colour[5] = -torch.inf, torch.inf
     return colour
 
 
+def colour_range(mean: Sequence[float], std: Sequence[float]) -> Clip:
+    """The 0..1 colour range in normalised units, per channel: where jittered colours are clipped."""
+    return [-m / s for m, s in zip(mean, std, strict=True)], [
+        (1 - m) / s for m, s in zip(mean, std, strict=True)
+    ]
+
+
 def to_model_input(
-    images: Tensor, colour: Tensor, sizes: Tensor | None = None, channels_last: bool = False
+    images: Tensor,
+    colour: Tensor,
+    sizes: Sequence[Sequence[int]] | Tensor | None = None,
+    channels_last: bool = False,
+    clip: Clip | None = None,
+    batched: bool | None = None,
 ) -> Tensor:
-    """uint8 [B, 3, H, W] (any memory layout; channels-last is read without a copy), colour [B or 1,
-    COLOUR_ROWS, 3] and content sizes int [B, 2] (None: all of H x W) -> float32 [B, 3, H, W], normalised,
-    clipped to the colour range when the rows say so, 0 outside each sample's content."""
+    """uint8 [B, 3, H, W] (any memory layout), colour rows [B or 1, COLOUR_ROWS, 3] and, on the host, content
+    sizes [B] x (h, w) (None: all of H x W) and the clip range -> float32 [B, 3, H, W]: rgb @ A + bias,
+    clipped to `clip` when given, 0 outside each sample's content. Host-side sizes and clip values let it
+    zero the padding and clip without reading anything back from the device. `batched`: one batched matrix
+    product (default on accelerators) or one per sample (default on CPU)."""
+    batched = images.device.type != "cpu" if batched is None else batched
     with torch.autocast(images.device.type, enabled=False):  # float32 under any train.amp
-        return _colour(images, colour, sizes, channels_last)
+        return _colour(images, colour, sizes, channels_last, clip, batched)
 
 
-def _colour(images: Tensor, colour: Tensor, sizes: Tensor | None, channels_last: bool) -> Tensor:
+def _colour(
+    images: Tensor,
+    colour: Tensor,
+    sizes: Sequence[Sequence[int]] | Tensor | None,
+    channels_last: bool,
+    clip: Clip | None,
+    batched: bool,
+) -> Tensor:
     b, _, h, w = images.shape
-    pixels = images.permute(0, 2, 3, 1).reshape(b, h * w, 3).float()  # NHWC rows of RGB
-    colour = colour.to(images.device, torch.float32).expand(b, -1, -1)
-    out = torch.baddbmm(colour[:, 3:4], pixels, colour[:, :3])  # [B, HW, 3] = rgb @ A + bias
-    out = torch.minimum(torch.maximum(out, colour[:, 4:5]), colour[:, 5:6])
-    out = out.view(b, h, w, 3)
-    if sizes is not None:
-        sizes = sizes.to(images.device)
-        rows = torch.arange(h, device=images.device).view(1, h, 1) < sizes[:, 0].view(b, 1, 1)
-        cols = torch.arange(w, device=images.device).view(1, 1, w) < sizes[:, 1].view(b, 1, 1)
-        out = out * (rows & cols).unsqueeze(-1)
-    out = out.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
-    return out if channels_last else out.contiguous()
+    colour = colour.to(images.device, torch.float32, non_blocking=True).expand(b, -1, -1)
+    a_t, bias = colour[:, :3].transpose(1, 2), colour[:, 3, :, None]  # out = A^T x + bias on [3, HW] planes
+    if not batched:
+        # sample by sample: a [3, 3] x [3, HW] product whose output stays in cache (measured ~20% faster
+        # than one batched product on this machine's CPU)
+        out = torch.empty(b, 3, h * w)
+        for i in range(b):
+            pixels = images[i].to(torch.float32, memory_format=torch.contiguous_format).view(3, h * w)
+            torch.addmm(bias[i], a_t[i], pixels, out=out[i])
+    else:  # one batched product: a single kernel
+        pixels = images.to(torch.float32, memory_format=torch.contiguous_format).view(b, 3, h * w)
+        out = torch.baddbmm(bias, a_t, pixels)
+    out = out.view(b, 3, h, w)
+    if clip is not None:
+        for ch in range(3):
+            out[:, ch].clamp_(clip[0][ch], clip[1][ch])
+    for i, (sh, sw) in enumerate(sizes.tolist() if isinstance(sizes, Tensor) else sizes or ()):
+        if sh < h:
+            out[i, :, sh:] = 0.0
+        if sw < w:
+            out[i, :, :sh, sw:] = 0.0
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

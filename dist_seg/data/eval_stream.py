@@ -47,9 +47,8 @@ class EvalBatch:
     def model_input(self, idx: list[int], height: int, width: int, device: torch.device) -> Tensor:
         """Images `idx`, cut to height x width, on `device`, normalised; 0 beyond each image's size."""
         images = self.images[idx, :, :height, :width].to(device, non_blocking=True)
-        sizes = torch.tensor([self.sizes[i] for i in idx], dtype=torch.int32)
         assert self.colour is not None
-        return to_model_input(images, self.colour, sizes)
+        return to_model_input(images, self.colour, [self.sizes[i] for i in idx])
 
     def pin_memory(self) -> EvalBatch:
         masks = self.masks.pin_memory() if self.masks is not None else None

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_seg.config import DataConfig
-from dist_seg.data.device import COLOUR_ROWS, to_model_input
+from dist_seg.data.device import COLOUR_ROWS, Clip, colour_range, to_model_input
 from dist_seg.data.plan import (
     TAG_AUG,
     TAG_REFILL,
@@ -90,7 +90,7 @@ _REFILL_RING = 16  # recent good samples a worker may re-use in place of skipped
 
 
 # ---------------------------------------------------------------------------------------------- training
-TRAIN_TENSORS = ("images", "masks", "colour", "sizes")  # what device.Prefetcher moves of a TrainBatch
+TRAIN_TENSORS = ("images", "masks", "colour")  # what device.Prefetcher moves of a TrainBatch (sizes stay)
 
 
 @dataclass
@@ -100,15 +100,17 @@ class TrainBatch:
     images: Tensor  # uint8 [B, 3, crop, crop], channels-last memory; beyond each sample's size: 0
     masks: Tensor  # uint8 [B, crop, crop], 255 = ignore
     colour: Tensor  # float32 [B, COLOUR_ROWS, 3]: each sample's jitter + normalisation (device.py)
-    sizes: Tensor  # int32 [B, 2]: each sample's content height and width (the rest is padding)
+    sizes: Tensor  # int32 [B, 2], on the host: each sample's content height and width (the rest is padding)
     keys: list[str]
     skipped: int  # samples this worker has skipped so far in this epoch
     worker: int
     retries: int = 0  # transient network faults this worker has retried so far in this pass
+    clip: Clip | None = None  # with colour jitter: the 0..1 range to clip to (device.colour_range)
 
     def model_input(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
         """(float32 normalised images, int64 masks) on the batch's device: call after moving it there."""
-        return to_model_input(self.images, self.colour, self.sizes, channels_last), self.masks.long()
+        images = to_model_input(self.images, self.colour, self.sizes, channels_last, self.clip)
+        return images, self.masks.long()
 
     def pin_memory(self) -> TrainBatch:  # DataLoader(pin_memory=True) calls this
         return dataclasses.replace(
@@ -116,7 +118,6 @@ class TrainBatch:
             images=self.images.pin_memory(),
             masks=self.masks.pin_memory(),
             colour=self.colour.pin_memory(),
-            sizes=self.sizes.pin_memory(),
         )
 
 
@@ -189,7 +190,8 @@ class _TrainStream(IterableDataset):
                 sizes[i, 0], sizes[i, 1] = size
                 keys.append(s.key)
             retries = retry_count() - retries_before
-            yield TrainBatch(images, masks, colour, sizes, keys, errors.count, worker, retries)
+            clip = colour_range(self.cfg.mean, self.cfg.std) if self.cfg.color_jitter > 0 else None
+            yield TrainBatch(images, masks, colour, sizes, keys, errors.count, worker, retries, clip)
 
     def _samples(
         self, pieces: list[Piece], start: int, quota: int, seeds: tuple[int, ...], errors: ErrorPolicy

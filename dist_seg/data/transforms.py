@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dist_seg.config import DataConfig
 from dist_seg.data import IGNORE_INDEX
-from dist_seg.data.device import COLOUR_ROWS, plain_colour, to_model_input
+from dist_seg.data.device import COLOUR_ROWS, colour_range, plain_colour, to_model_input
 
 
 def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
@@ -94,15 +94,14 @@ class TrainTransform:
         self.hflip_prob = cfg.hflip_prob
         self.jitter = cfg.color_jitter
         self.mean, self.std = list(cfg.mean), list(cfg.std)
-        self.lo = [-m / s for m, s in zip(cfg.mean, cfg.std, strict=True)]  # 0 and 1, normalised
-        self.hi = [(1.0 - m) / s for m, s in zip(cfg.mean, cfg.std, strict=True)]
         self.plain = plain_colour(self.mean, self.std)
 
     def __call__(self, image: Tensor, mask: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
         out = torch.empty(1, self.crop, self.crop, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
         out_mask = torch.empty(self.crop, self.crop, dtype=torch.uint8)
         colour, size = self.apply(image, mask, rng, out[0], out_mask)
-        return to_model_input(out, colour[None], torch.tensor([size]))[0], out_mask
+        clip = colour_range(self.mean, self.std) if self.jitter > 0 else None
+        return to_model_input(out, colour[None], [size], clip=clip)[0], out_mask
 
     def apply(
         self, image: Tensor, mask: Tensor, rng: random.Random, out: Tensor, out_mask: Tensor
@@ -139,7 +138,6 @@ class TrainTransform:
         a, bias = colour_matrix(sub_mean, factors, self.mean, self.std)  # type: ignore[arg-type]
         colour = torch.empty(COLOUR_ROWS, 3)
         colour[:3], colour[3] = a, bias
-        colour[4], colour[5] = torch.tensor(self.lo), torch.tensor(self.hi)  # the 0..1 range, normalised
         return colour, (out_h, out_w)
 
 

@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from dist_seg.config import DataConfig
-from dist_seg.data.device import Prefetcher, plain_colour, to_model_input
+from dist_seg.data.device import Prefetcher, colour_range, plain_colour, to_model_input
 from dist_seg.data.transforms import TrainTransform
 
 
@@ -63,7 +63,8 @@ def test_training_colour_matches_a_float64_reference(name: str, low: int, high: 
         replay = random.Random(seed)
         replay.uniform(1.0, 1.0), replay.randint(0, 0), replay.randint(0, 0), replay.random()
         factors = tuple(replay.uniform(1 - jitter, 1 + jitter) for _ in range(3))
-        got = to_model_input(out, colour[None], torch.tensor([size]))[0]
+        clip = colour_range(cfg.mean, cfg.std)
+        got = to_model_input(out, colour[None], torch.tensor([size]), clip=clip)[0]
         assert got.dtype == torch.float32
         content = out[0]
         ref = _reference(content, factors, cfg, content[:, ::4, ::4].double().mean((1, 2)))
@@ -72,7 +73,7 @@ def test_training_colour_matches_a_float64_reference(name: str, low: int, high: 
         err = (got.double() - ref).abs().max().item()
         assert err <= 1e-5 * scale, f"{name}, seed {seed}: max error {err:.2e} at scale {scale:.1f}"
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what train.amp=bf16 wraps the step in
-            amp = to_model_input(out, colour[None], torch.tensor([size]))[0]
+            amp = to_model_input(out, colour[None], torch.tensor([size]), clip=clip)[0]
         assert amp.dtype == torch.float32 and torch.equal(amp, got)
 
 
@@ -86,6 +87,12 @@ def test_eval_normalisation_is_plain_and_pads_with_zero() -> None:
     assert torch.all(got[1, :, 5:] == 0) and torch.all(got[1, :, :, 7:] == 0)
     whole = to_model_input(images, plain_colour(cfg.mean, cfg.std)[None])
     torch.testing.assert_close(whole.double(), ref, rtol=0, atol=1e-5)
+    # the accelerators' single batched product (per-sample colour rows) equals the CPU's loop
+    colour = plain_colour(cfg.mean, cfg.std)[None].repeat(2, 1, 1) * torch.tensor([1.0, 0.5]).view(2, 1, 1)
+    clip = colour_range(cfg.mean, cfg.std)
+    loop = to_model_input(images, colour, [(8, 12), (5, 7)], clip=clip, batched=False)
+    one = to_model_input(images, colour, [(8, 12), (5, 7)], clip=clip, batched=True)
+    torch.testing.assert_close(one, loop, rtol=1e-6, atol=1e-6)
     assert to_model_input(images, plain_colour(cfg.mean, cfg.std)[None], channels_last=True).is_contiguous(
         memory_format=torch.channels_last
     )

@@ -48,7 +48,7 @@ def test_train_batches_shapes_reproducible_and_reshuffled(data: dict[str, Path])
         assert x.images.shape == (4, 3, 24, 24) and x.images.dtype == torch.uint8  # a quarter of float32
         assert x.images.is_contiguous(memory_format=torch.channels_last)
         assert x.masks.shape == (4, 24, 24) and x.masks.dtype == torch.uint8
-        assert x.colour.shape == (4, 6, 3) and x.sizes.shape == (4, 2) and x.sizes.dtype == torch.int32
+        assert x.colour.shape == (4, 4, 3) and x.sizes.shape == (4, 2) and x.sizes.dtype == torch.int32
         assert set(x.masks.unique().tolist()) <= {0, 1, 2, 255}
         assert x.keys == y.keys and torch.equal(x.images, y.images) and torch.equal(x.masks, y.masks)
         assert torch.equal(x.colour, y.colour) and torch.equal(x.sizes, y.sizes)  # colour drawn per sample
