@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dist_seg.train", "train (prefer: torchrun --nproc_per_node=N -m dist_seg.train ...)"),
     "evaluate": ("dist_seg.evaluate", "evaluate a checkpoint on the validation shards"),
     "predict": ("dist_seg.predict", "predict label maps, overlays and the submission CSV"),
+    "export": ("dist_seg.export", "export a checkpoint to ONNX, TorchScript or .pt2 and check it"),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,12 @@ from torch import Tensor, nn
 from dist_seg import distributed as D
 from dist_seg.checkpoint import WEIGHTS, LoadedCheckpoint, load_for_inference
 from dist_seg.config import Config, DataConfig
+from dist_seg.crf import CRFParams, dense_crf
 from dist_seg.data.transforms import denormalize, padded_size
 from dist_seg.metrics import ConfusionMatrix
 from dist_seg.models import input_constraints, unwrap
 from dist_seg.precision import AMP_DTYPES, autocast
 from dist_seg.preemption import StopRequest
-
-if TYPE_CHECKING:
-    from dist_seg.crf import CRFParams
 
 
 class Scorer(Protocol):
@@ -158,8 +156,6 @@ class Predictor:
         total = sum(self._model_probs(m, images) for m in self.models)
         probs = total / len(self.models) if len(self.models) > 1 else total
         if self.crf is not None:
-            from dist_seg.crf import dense_crf  # only --crf runs pay for importing it
-
             assert self.data is not None
             rgb = (denormalize(images.float(), self.data) * 255).round().to(torch.uint8)
             probs = torch.stack([dense_crf(p, im, self.crf) for p, im in zip(probs, rgb, strict=True)])
@@ -308,11 +304,7 @@ def build_predictor(
     cfg: Config, args: argparse.Namespace, models: list[nn.Module], device: torch.device
 ) -> Predictor:
     flip, scales = parse_tta(args.tta, args.scales)
-    crf = None
-    if args.crf:
-        from dist_seg.crf import CRFParams
-
-        crf = CRFParams(**vars(cfg.crf))
+    crf = CRFParams(**vars(cfg.crf)) if args.crf else None
     slide = parse_slide(args.mode, args.window, args.stride)
     amp = AMP_DTYPES[cfg.train.amp]
     return Predictor(models, device, amp, cfg.train.channels_last, flip, scales, slide, crf, cfg.data)

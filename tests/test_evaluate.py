@@ -138,27 +138,32 @@ def test_two_ranks_evaluate_and_predict_like_one_process(run: dict) -> None:
     )
 
 
+def _untrained_fcn8s(run: dict):
+    """A randomly initialised FCN-8s (width 0.125) checkpoint with the run's classes and config: a second,
+    different ensemble member, whose label maps are far from uniform."""
+    from dist_seg.checkpoint import load_checkpoint, save_checkpoint
+    from dist_seg.config import to_dict
+    from dist_seg.models import build_model
+
+    path = run["tmp"] / "fcn8s.pt"
+    if not path.exists():
+        trained = load_checkpoint(run["ck"])
+        cfg = load_config(CONFIG, [*run["overrides"], "model.name=fcn8s", "model.width_mult=0.125"])
+        torch.manual_seed(1)
+        model = build_model(cfg.model, trained["num_classes"])
+        state = {**trained, "model": model.state_dict(), "model_name": "fcn8s", "config": to_dict(cfg)}
+        save_checkpoint(path, state)
+    return path
+
+
 @pytest.mark.slow
 def test_an_ensemble_with_windows_and_flips_evaluates_and_predicts_on_two_ranks_like_one(run: dict) -> None:
     """Two members (the trained deeplab_v1 and an fcn8s of another width), flip TTA, 96-pixel windows every
     64 pixels: the CLI in one process, then the same options under torchrun; confusion matrix and CSV equal."""
-    from dist_seg.checkpoint import load_checkpoint, save_checkpoint
-    from dist_seg.config import to_dict
-    from dist_seg.models import build_model
     from dist_seg.predict import main as predict_main
 
     tmp, coco = run["tmp"], str(run["tmp"] / "val.json")
-    trained = load_checkpoint(run["ck"])
-    other_cfg = load_config(CONFIG, [*run["overrides"], "model.name=fcn8s", "model.width_mult=0.125"])
-    torch.manual_seed(1)
-    other = {
-        **trained,
-        "model": build_model(other_cfg.model, trained["num_classes"]).state_dict(),
-        "model_name": "fcn8s",
-        "config": to_dict(other_cfg),
-    }
-    save_checkpoint(tmp / "fcn8s.pt", other)
-    members = [str(run["ck"]), str(tmp / "fcn8s.pt")]
+    members = [str(run["ck"]), str(_untrained_fcn8s(run))]
     flags = ["--checkpoint", members[0], "--checkpoint", members[1], "--tta", "flip"]
     flags += ["--mode", "slide", "--window", "96", "--stride", "64"]
     one = tmp / "ens_one"
@@ -190,3 +195,24 @@ def test_an_ensemble_with_windows_and_flips_evaluates_and_predicts_on_two_ranks_
     assert got["world_size"] == 2 and got["num_images"] == N_IMAGES
     assert got["matrix"] == ref["matrix"] and got["miou"] == ref["miou"]
     assert (two / "sub.csv").read_bytes() == (one / "sub.csv").read_bytes()
+
+
+def test_evaluate_and_predict_with_the_dense_crf(run: dict) -> None:
+    """--crf as users type it, with a config override, on a model whose predictions are noisy (an untrained
+    FCN-8s): the CRF changes the confusion matrix (not its total), and metrics.json records its parameters."""
+    from dist_seg.predict import main as predict_main
+
+    tmp, ck = run["tmp"], str(_untrained_fcn8s(run))
+    overrides = [*run["overrides"], "model.name=fcn8s", "model.width_mult=0.125"]
+    base = ["--config", CONFIG, "--checkpoint", ck, *overrides]
+    assert evaluate.main([*base, "--out", str(tmp / "plain_eval")]) == 0
+    base += ["--crf", "crf.iterations=5"]
+    assert evaluate.main([*base, "--out", str(tmp / "crf_eval")]) == 0
+    got = json.loads((tmp / "crf_eval" / "metrics.json").read_text())
+    plain = json.loads((tmp / "plain_eval" / "metrics.json").read_text())
+    assert got["crf"]["iterations"] == 5 and got["crf"]["bilateral_xy_std"] == 121.0 and plain["crf"] is None
+    assert got["matrix"] != plain["matrix"] and sum(map(sum, got["matrix"])) == sum(map(sum, plain["matrix"]))
+    out = tmp / "crf_pred"
+    images = ["--images", str(run["images"]), "--coco", str(tmp / "val.json"), "--out", str(out), "--quiet"]
+    assert predict_main([*base, *images]) == 0
+    assert len(list(out.rglob("*.png"))) == N_IMAGES
