@@ -49,7 +49,9 @@ def test_ema_matches_a_float64_reference_on_large_weights_with_tiny_steps() -> N
     for n, r in ref.items():
         # float32 spacing at 1000 is 6e-5: the average must be within a few ulps, not off by the step sizes
         torch.testing.assert_close(got[n].double(), r, rtol=0, atol=2e-4, msg=n)
-        assert not torch.allclose(got[n].double(), dict(net.named_parameters())[n].double(), rtol=0, atol=1e-4)
+        assert not torch.allclose(
+            got[n].double(), dict(net.named_parameters())[n].double(), rtol=0, atol=1e-4
+        )
     # buffers are copies of the model's, never averages
     assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
     assert torch.equal(ema.module[1].num_batches_tracked, net[1].num_batches_tracked)
@@ -125,7 +127,10 @@ def test_a_resume_without_an_ema_says_it_starts_one(tiny_shards, tmp_path: Path,
     world = World(0, 0, 1, torch.device("cpu"), None)
     cfg_path = REPO / "configs/cpu_small.yaml"
     out = tmp_path / "run"
-    fit(load_config(cfg_path, _overrides(tiny_shards, out, "train.max_steps=1", "data.val_shards=null")), world)
+    fit(
+        load_config(cfg_path, _overrides(tiny_shards, out, "train.max_steps=1", "data.val_shards=null")),
+        world,
+    )
     capsys.readouterr()
     more = _overrides(tiny_shards, out, "train.max_steps=2", "data.val_shards=null", "train.ema_decay=0.9")
     fit(load_config(cfg_path, more), world)
