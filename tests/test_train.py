@@ -116,7 +116,10 @@ def test_resume_after_kill_equals_uninterrupted_run(model: dict, trash_shards, t
     assert [s for s, _ in b] == list(range(1, 9))  # no gap, no duplicate
     for (s1, v1), (s2, v2) in zip(a, b, strict=True):
         assert s1 == s2 and abs(v1 - v2) <= 1e-6, (s1, v1, v2)
-    ca, cb = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    ca, cb = (
+        load_checkpoint(tmp_path / "straight" / "last.pt"),
+        load_checkpoint(tmp_path / "resumed" / "last.pt"),
+    )
     pairs = [(ca["model"], cb["model"])]
     if "train.ema_decay" in model:
         assert ca["ema"]["updates"] == cb["ema"]["updates"] == 8
