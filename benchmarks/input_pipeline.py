@@ -11,7 +11,6 @@ figure is samples/s per worker (multiply by workers for a rank's ceiling on free
          decode -> train geometry (scale, crop, flip, pad) -> uint8 batches + per-sample colour rows
   (a-e2e) (a) plus the device side run here on the CPU (dist_seg.data.device.to_model_input: colour jitter +
          normalisation of the uint8 batch), so that moved work is not mistaken for removed work
-  (a-cpu) what CPU training runs: the colour step in the worker, sample by sample (float32 batches)
   (a0)   the same with transforms off (decoded samples are not transformed): ratio_vs_decode = a0 / c
   (b)    baseline: map-style Dataset, pycocotools COCO json, per sample PIL decode + annToMask for every
          annotation painted largest-first (the competition baseline; it used cv2.imread) + the same transforms
@@ -93,10 +92,8 @@ class _NoTransform:
         return torch.zeros(4, 3), (0, 0)
 
 
-def run_pipeline(
-    cfg: DataConfig, transform: bool, device_side: bool = False, in_workers: bool = False
-) -> int:
-    loader = build_train_loader(cfg, 0, 1, seed=0, colour_in_workers=in_workers)
+def run_pipeline(cfg: DataConfig, transform: bool, device_side: bool = False) -> int:
+    loader = build_train_loader(cfg, 0, 1, seed=0)
     if not transform:  # everything else as in (a): plan, tar reading, shuffle buffer, decoding, batching
         loader.dataset.transform = _NoTransform()
     n = 0
@@ -208,7 +205,6 @@ def main() -> None:
         runs = {
             "a": lambda: run_pipeline(cfg, True),
             "a-e2e": lambda: run_pipeline(cfg, True, device_side=True),
-            "a-cpu": lambda: run_pipeline(cfg, True, in_workers=True),
             "a0": lambda: run_pipeline(cfg, False),
             "b": lambda: run_baseline(CocoBaseline(ann, images, cfg, True, "pil"), args.batch),
             "b-tv": lambda: run_baseline(CocoBaseline(ann, images, cfg, True, "tv"), args.batch),
@@ -234,7 +230,6 @@ def main() -> None:
     labels = {
         "a": "(a) pipeline, host side (uint8 geometry)",
         "a-e2e": "(a-e2e) pipeline, host + device side on this CPU",
-        "a-cpu": "(a-cpu) pipeline, colour in the worker (CPU training)",
         "a0": "(a0) pipeline, transforms off",
         "b": "(b) COCO baseline (PIL), train transforms",
         "b-tv": "(b-tv) COCO baseline (torchvision.io), train transforms",
@@ -245,8 +240,7 @@ def main() -> None:
         print(f"{label:58s} {best[k]:8.1f} samples/s per worker  (wall clock: {best_wall[k]:6.1f})")
     print(
         f"host ms/sample: pipeline {1e3 / best['a']:.2f}, with the device side on CPU {1e3 / best['a-e2e']:.2f}, "
-        f"colour in the worker {1e3 / best['a-cpu']:.2f}, baseline {1e3 / best['b']:.2f}; end to end on CPU vs "
-        f"baseline: {best['a-e2e'] / best['b']:.2f}x (device side here), {best['a-cpu'] / best['b']:.2f}x (in the worker)"
+        f"baseline {1e3 / best['b']:.2f}; end to end on CPU vs baseline: {best['a-e2e'] / best['b']:.2f}x"
     )
     print(f"pipeline vs baseline decoding with torchvision.io: {best['a'] / best['b-tv']:.2f}x")
     print(f"transforms off, pipeline vs baseline: {best['a0'] / best['b0']:.2f}x")

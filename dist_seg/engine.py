@@ -174,10 +174,7 @@ def _build(cfg: Config, world: D.World) -> tuple[StepContext, ShardSet, TrainLoa
     model = D.prepare_model(model, world, t.sync_bn, t.channels_last, t.compile, *compression)
     optimizer, groups = build_optimizer(model, cfg.optim)
     _log(world, format_groups(groups))
-    on_cpu = world.device.type == "cpu"  # no accelerator to move the colour step to: the workers do it
-    loader = build_train_loader(
-        cfg.data, world.rank, world.world_size, cfg.train.seed, colour_in_workers=on_cpu
-    )
+    loader = build_train_loader(cfg.data, world.rank, world.world_size, cfg.train.seed)
     steps_per_epoch = loader.steps_per_epoch // cfg.train.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(

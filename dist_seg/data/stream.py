@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_seg.config import DataConfig
-from dist_seg.data.device import COLOUR_ROWS, Clip, colour_range, plain_colour, to_model_input
+from dist_seg.data.device import COLOUR_ROWS, Clip, colour_range, to_model_input
 from dist_seg.data.plan import (
     TAG_AUG,
     TAG_REFILL,
@@ -97,8 +97,7 @@ TRAIN_TENSORS = ("images", "masks", "colour")  # what device.Prefetcher moves of
 class TrainBatch:
     """One loader batch, as uint8: the model's input is `device.to_model_input(images, colour, sizes)`."""
 
-    images: Tensor  # uint8 [B, 3, crop, crop], channels-last memory; beyond each sample's size: 0 (float32
-    # normalised when the workers did the colour step: build_train_loader(colour_in_workers=True))
+    images: Tensor  # uint8 [B, 3, crop, crop], planar (what the resize writes); beyond each sample's size: 0
     masks: Tensor  # uint8 [B, crop, crop], 255 = ignore
     colour: Tensor  # float32 [B, COLOUR_ROWS, 3]: each sample's jitter + normalisation (device.py)
     sizes: Tensor  # int32 [B, 2], on the host: each sample's content height and width (the rest is padding)
@@ -110,11 +109,6 @@ class TrainBatch:
 
     def model_input(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
         """(float32 normalised images, int64 masks) on the batch's device: call after moving it there."""
-        if self.images.is_floating_point():  # build_train_loader(colour_in_workers=True): already done
-            images = self.images
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            return images, self.masks.long()
         images = to_model_input(self.images, self.colour, self.sizes, channels_last, self.clip)
         return images, self.masks.long()
 
@@ -140,17 +134,8 @@ class DataPosition:
 
 
 class _TrainStream(IterableDataset):
-    def __init__(
-        self,
-        cfg: DataConfig,
-        shard_set: ShardSet,
-        rank: int,
-        seed: int,
-        world_size: int,
-        colour_in_workers: bool = False,
-    ):
+    def __init__(self, cfg: DataConfig, shard_set: ShardSet, rank: int, seed: int, world_size: int):
         super().__init__()
-        self.colour_in_workers = colour_in_workers
         self.cfg, self.shard_set, self.rank, self.seed = cfg, shard_set, rank, seed
         self.geometry = Geometry(
             world_size, cfg.batch_size, max(1, cfg.num_workers), max(1, cfg.shuffle_buffer)
@@ -190,13 +175,10 @@ class _TrainStream(IterableDataset):
         errors = ErrorPolicy(self.cfg.on_error, self.cfg.max_errors, self.skipped_before.value)
         retries_before = retry_count()
         samples = self._samples(pieces, done * b, (n_batches - done) * b, seeds, errors)
-        clip = colour_range(self.cfg.mean, self.cfg.std) if self.cfg.color_jitter > 0 else None
-        plain = plain_colour(self.cfg.mean, self.cfg.std)[None]
-        slot = torch.empty(1, crop, crop, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
         for _ in range(n_batches - done):
-            if self.colour_in_workers:
-                floats = _batch_tensor((b, 3, crop, crop), torch.float32)
-            images = _batch_tensor((b, crop, crop, 3), torch.uint8).permute(0, 3, 1, 2)  # channels-last
+            # planar: the resize writes planes, and a channels-last slot would cost a uint8 transpose (1.7 ms
+            # per 512x512 sample, measured) that the device's float conversion then undoes
+            images = _batch_tensor((b, 3, crop, crop), torch.uint8)
             masks = _batch_tensor((b, crop, crop), torch.uint8)
             colour = _batch_tensor((b, COLOUR_ROWS, 3), torch.float32)
             sizes = _batch_tensor((b, 2), torch.int32)
@@ -206,19 +188,12 @@ class _TrainStream(IterableDataset):
                 assert s.mask is not None
                 # augmentation drawn per sample: the same crop, flip and colour whichever reader, rank or resume
                 rng = random.Random(derive_seed(TAG_AUG, self.seed, epoch, sample_id))
-                if self.colour_in_workers:  # the uint8 crop goes through a cached slot into the float batch
-                    c, size = self.transform.apply(s.image, s.mask, rng, slot[0], masks[i])
-                    floats[i] = to_model_input(slot, c[None], [size], clip=clip)[0]
-                    colour[i] = plain[0]
-                else:
-                    colour[i], size = self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
+                colour[i], size = self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
                 sizes[i, 0], sizes[i, 1] = size
                 keys.append(s.key)
             retries = retry_count() - retries_before
-            if self.colour_in_workers:
-                yield TrainBatch(floats, masks, colour, sizes, keys, errors.count, worker, retries, None)
-            else:
-                yield TrainBatch(images, masks, colour, sizes, keys, errors.count, worker, retries, clip)
+            clip = colour_range(self.cfg.mean, self.cfg.std) if self.cfg.color_jitter > 0 else None
+            yield TrainBatch(images, masks, colour, sizes, keys, errors.count, worker, retries, clip)
 
     def _samples(
         self, pieces: list[Piece], start: int, quota: int, seeds: tuple[int, ...], errors: ErrorPolicy
@@ -345,14 +320,7 @@ class TrainLoader:
             raise RuntimeError(f"input pipeline produced {n} batches instead of {expected} (a bug)")
 
 
-def build_train_loader(
-    cfg: DataConfig, rank: int, world_size: int, seed: int, epoch: int = 0, colour_in_workers: bool = False
-) -> TrainLoader:
-    """The training loader of this rank. `colour_in_workers` (the trainer sets it when it trains on the CPU):
-    the workers also apply the colour step, sample by sample while each is still in cache, and hand over
-    float32 images, since a CPU device has no PCIe to spare and no idle arithmetic units to move it to
-    (measured: 30% less end-to-end throughput than in the workers). Otherwise batches stay uint8 for
-    device.to_model_input on the accelerator."""
+def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, epoch: int = 0) -> TrainLoader:
     if not cfg.train_shards:
         raise ValueError("config key data.train_shards is not set")
     shard_set = resolve_shards(cfg.train_shards, RemoteOptions.from_config(cfg))
@@ -377,7 +345,6 @@ def build_train_loader(
             max(1, cfg.num_workers),
             readers,
         )
-    stream = _TrainStream(cfg, shard_set, rank, seed, world_size, colour_in_workers)
-    loader = TrainLoader(cfg, stream, shard_set, steps)
+    loader = TrainLoader(cfg, _TrainStream(cfg, shard_set, rank, seed, world_size), shard_set, steps)
     loader.set_epoch(epoch)
     return loader

@@ -84,7 +84,7 @@ class TrainTransform:
     `apply` is what loader workers run: the geometry only, written as uint8 straight into slots of a
     preallocated batch (which saves the padding and stacking copies), returning the sample's colour rows and
     content size for the device step. Geometry works on the decoder's HWC uint8 layout (torch's fast uint8
-    resize path); a channels-last batch slot takes it without a transposing copy. `__call__` runs both halves
+    resize path), whose output is planar, like the batch slots. `__call__` runs both halves
     on the CPU (tests, tools).
     """
 
@@ -97,7 +97,7 @@ class TrainTransform:
         self.plain = plain_colour(self.mean, self.std)
 
     def __call__(self, image: Tensor, mask: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
-        out = torch.empty(1, self.crop, self.crop, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+        out = torch.empty(1, 3, self.crop, self.crop, dtype=torch.uint8)
         out_mask = torch.empty(self.crop, self.crop, dtype=torch.uint8)
         colour, size = self.apply(image, mask, rng, out[0], out_mask)
         clip = colour_range(self.mean, self.std) if self.jitter > 0 else None
@@ -106,7 +106,7 @@ class TrainTransform:
     def apply(
         self, image: Tensor, mask: Tensor, rng: random.Random, out: Tensor, out_mask: Tensor
     ) -> tuple[Tensor, tuple[int, int]]:
-        """Augment one sample's geometry into out (uint8 [3, crop, crop], best channels-last) and out_mask
+        """Augment one sample's geometry into out (uint8 [3, crop, crop], planar) and out_mask
         (uint8 [crop, crop]); return its colour rows [COLOUR_ROWS, 3] and content size (h, w) for
         device.to_model_input. The random draws, in order: scale, crop place, flip, jitter factors."""
         crop = self.crop

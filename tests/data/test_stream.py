@@ -46,7 +46,7 @@ def test_train_batches_shapes_reproducible_and_reshuffled(data: dict[str, Path])
     a, b = build_train_loader(c, 0, 1, seed=3), build_train_loader(c, 0, 1, seed=3)
     for x, y in zip(a, b, strict=True):
         assert x.images.shape == (4, 3, 24, 24) and x.images.dtype == torch.uint8  # a quarter of float32
-        assert x.images.is_contiguous(memory_format=torch.channels_last)
+        assert x.images.is_contiguous()
         assert x.masks.shape == (4, 24, 24) and x.masks.dtype == torch.uint8
         assert x.colour.shape == (4, 4, 3) and x.sizes.shape == (4, 2) and x.sizes.dtype == torch.int32
         assert set(x.masks.unique().tolist()) <= {0, 1, 2, 255}
@@ -54,15 +54,6 @@ def test_train_batches_shapes_reproducible_and_reshuffled(data: dict[str, Path])
         assert torch.equal(x.colour, y.colour) and torch.equal(x.sizes, y.sizes)  # colour drawn per sample
         images, masks = x.model_input()
         assert images.dtype == torch.float32 and masks.dtype == torch.int64
-    # CPU training: the workers do the colour step; the same float batches as the device step gives
-    c_jit = cfg(train_shards=str(data["train4"]), batch_size=4, color_jitter=0.3)
-    u8 = build_train_loader(c_jit, 0, 1, seed=3)
-    in_workers = build_train_loader(c_jit, 0, 1, seed=3, colour_in_workers=True)
-    for x, y in zip(u8, in_workers, strict=True):
-        assert y.images.dtype == torch.float32 and x.keys == y.keys
-        (xi, xm), (yi, ym) = x.model_input(), y.model_input()
-        torch.testing.assert_close(yi, xi, rtol=0, atol=1e-6)
-        assert torch.equal(xm, ym)
     _, e0 = epoch_keys(a, 0)
     _, e1 = epoch_keys(a, 1)
     assert sorted(e0) == sorted(e1) and e0 != e1
