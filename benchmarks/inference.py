@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/inference.py                        # CPU, 512x512, width 0.25, 4 images
     .venv/bin/python benchmarks/inference.py --device cuda --width 1 --images 16 --amp bf16
 
-Each variant runs in its own process (so that peak memory is its own): build the models (random weights; the
+Each variant runs in its own process (so that peak memory is its own; times are CPU seconds of one thread on
+CPU, which other jobs on a shared machine barely move, wall-clock seconds on CUDA): build the models (random weights; the
 cost does not depend on them), one warm-up image, then --images images one at a time through
 dist_seg.inference.Predictor. Reported per variant: seconds per image, its ratio to the baseline (one
 DeconvNet, whole image) measured in the same run, and peak memory *above the loaded models*: CUDA's
@@ -69,7 +70,10 @@ def run_variant(spec: dict, args: argparse.Namespace) -> dict:
     predictor(x)  # warm-up (kernel selection, allocator pools); its memory counts in the peak
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    # CPU seconds of this process on one thread (--threads 1): what other jobs on a shared machine barely
+    # move; on CUDA, wall-clock time after a synchronize
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    t0 = clock()
     for _ in range(args.images):
         predictor(x).argmax(1).cpu()
     if device.type == "cuda":
@@ -77,7 +81,7 @@ def run_variant(spec: dict, args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _peak_rss_bytes() - base
-    return {"s_per_image": (time.perf_counter() - t0) / args.images, "peak_above_models_mb": peak / 2**20}
+    return {"s_per_image": (clock() - t0) / args.images, "peak_above_models_mb": peak / 2**20}
 
 
 def main() -> None:
@@ -88,8 +92,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--classes", type=int, default=11)
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print json
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.variant is not None:
         print(json.dumps(run_variant(VARIANTS[args.variant], args)))
         return
