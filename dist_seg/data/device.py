@@ -94,10 +94,6 @@ def _colour(
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    return t.to(device, non_blocking=True)
-
-
 class Prefetcher:
     """Iterate batches already on `device`: on CUDA the next batch is copied on a side stream while the caller
     computes on the current one (pinned host memory makes the copy asynchronous); elsewhere a plain
