@@ -86,15 +86,13 @@ def any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
     branch afterwards."""
     if not _active():
         return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in t.tolist()]
+    return any_rank_flags_tensor(torch.tensor(flags, dtype=torch.bool, device=device))
 
 
 def any_rank_flags_tensor(flags: torch.Tensor) -> list[bool]:
     """any_rank_flags for a bool tensor already on the device (made without reading anything back): one
     all-reduce, then one read-back of the result."""
-    t = flags.to(torch.float32)
+    t = flags.to(torch.float32)  # MAX over bool is not supported by every backend (gloo)
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]

@@ -21,7 +21,6 @@ from dist_seg import distributed as D
 from dist_seg import faults, monitor, resume
 from dist_seg.checkpoint import (
     CheckpointManager,
-    capture_rng_state,
     load_checkpoint,
     restore_training,
     training_checkpoint,
@@ -40,6 +39,7 @@ from dist_seg.models import build_model, input_constraints, pretrained_summary, 
 from dist_seg.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.precision import AMP_DTYPES, autocast
 from dist_seg.preemption import Preempted, StopRequest, clear_marker
+from dist_seg.rng_state import capture_rng_state
 from dist_seg.tb import TBLogger
 
 

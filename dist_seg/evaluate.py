@@ -37,8 +37,6 @@ from dist_seg.inference import (
     inference_defaults,
     is_plain,
     load_models,
-    parse_slide,
-    parse_tta,
 )
 from dist_seg.metrics import to_jsonable
 from dist_seg.models import input_constraints
@@ -76,7 +74,8 @@ def evaluate_checkpoint(
             f"checkpoint {ck.path} was trained on classes {ck.class_names}, but the shards {spec} have "
             f"classes {shard_names}"
         )
-    scorer = models[0] if is_plain(args) else build_predictor(cfg, args, models, world.device)
+    predictor = build_predictor(cfg, args, models, world.device)  # also the parsed options for metrics.json
+    scorer = models[0] if is_plain(args) else predictor
     divisor, min_size = input_constraints(models[0]) if is_plain(args) else (1, 1)
     loader = build_eval_loader(cfg.data, world.rank, world.world_size, divisor, min_size, shards=spec)
     cm, _ = compute_confusion(
@@ -90,10 +89,10 @@ def evaluate_checkpoint(
         "step": ck.step if len(cks) == 1 else [c.step for c in cks],
         "model": ck.model_name if len(cks) == 1 else [c.model_name for c in cks],
         "tta": args.tta,
-        "scales": list(parse_tta(args.tta, args.scales)[1]),
+        "scales": list(predictor.scales),
         "mode": args.mode,
         "window": args.window,
-        "stride": parse_slide(args.mode, args.window, args.stride).stride if args.mode == "slide" else None,
+        "stride": predictor.slide.stride if predictor.slide is not None else None,
         "crf": dataclasses.asdict(cfg.crf) if args.crf else None,
         "shards": spec,
         "num_images": shard_set.total_samples - skipped,

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_seg.checkpoint import (
-    CheckpointManager,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from dist_seg.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
+from dist_seg.rng_state import capture_rng_state, restore_rng_state
 
 
 def _state(step, size=8):
