@@ -22,6 +22,9 @@ COLOUR_ROWS = 4  # per sample: A (3 rows of 3), then the bias (normalised units)
 Clip = tuple[Sequence[float], Sequence[float]]  # per-channel (low, high) of the 0..1 range, normalised
 
 
+WHOLE_PLANE_FILL = 0.6  # CPU path: content fraction from which a sample's whole plane is computed (measured)
+
+
 def plain_colour(mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """[COLOUR_ROWS, 3]: normalisation only, (x / 255 - mean) / std."""
     colour = torch.zeros(COLOUR_ROWS, 3)
@@ -69,17 +72,32 @@ def _colour(
     a_t, bias = colour[:, :3].transpose(1, 2), colour[:, 3, :, None]  # out = A^T x + bias on [3, HW] planes
     content = sizes.tolist() if isinstance(sizes, Tensor) else [list(s) for s in sizes] if sizes else None
     if not batched:
-        # sample by sample, on its content only: a [3, 3] x [3, hw] product whose output stays in cache
-        # (a small image padded to the crop costs its own size, as when the workers did this)
-        out = torch.zeros(b, 3, h, w) if content else torch.empty(b, 3, h, w)
+        # sample by sample: a [3, 3] x [3, pixels] product. A sample that fills most of the plane is computed
+        # whole, straight into its slot of the batch (no copy); a small one on its content only, then copied
+        # (a small image padded to the crop costs its own size, as when the workers did this). A scratch
+        # buffer reused across samples holds the float pixels: fresh large buffers cost page faults.
+        out = torch.empty(b, 3, h, w)
+        scratch = torch.empty(3 * h * w)
         for i in range(b):
             sh, sw = content[i] if content else (h, w)
-            pixels = images[i, :, :sh, :sw].to(torch.float32, memory_format=torch.contiguous_format)
-            values = torch.addmm(bias[i], a_t[i], pixels.view(3, sh * sw)).view(3, sh, sw)
+            whole = sh * sw >= WHOLE_PLANE_FILL * h * w
+            ph, pw = (h, w) if whole else (sh, sw)
+            pixels = scratch[: 3 * ph * pw].view(3, ph, pw)
+            pixels.copy_(images[i, :, :ph, :pw])
+            if whole:
+                values = out[i]
+                torch.addmm(bias[i], a_t[i], pixels.view(3, ph * pw), out=values.view(3, ph * pw))
+            else:
+                values = torch.addmm(bias[i], a_t[i], pixels.view(3, ph * pw)).view(3, ph, pw)
             if clip is not None:
                 for ch in range(3):
                     values[ch].clamp_(clip[0][ch], clip[1][ch])
-            out[i, :, :sh, :sw] = values
+            if not whole:
+                out[i, :, :sh, :sw] = values
+            if sh < h:
+                out[i, :, sh:] = 0.0
+            if sw < w:
+                out[i, :, :sh, sw:] = 0.0
     else:  # one batched product: a single kernel, then the padding zeroed
         pixels = images.to(torch.float32, memory_format=torch.contiguous_format).view(b, 3, h * w)
         out = torch.baddbmm(bias, a_t, pixels).view(b, 3, h, w)
