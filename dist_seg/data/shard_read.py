@@ -59,7 +59,7 @@ class Piece:
 class RawSample:
     shard: str
     key: str
-    members: dict[str, bytes]  # extension ("jpg", "seg.png", "json") -> bytes; only READ_EXTS
+    members: dict[str, bytes]  # extension ("jpg", "seg.png", "json") -> bytes (a bytearray); only READ_EXTS
     index: int = -1  # position of the sample in its shard (tar order)
 
 
@@ -248,17 +248,20 @@ def decode_sample(raw: RawSample, labelled: bool, num_classes: int) -> Sample:
                 raw.shard,
                 raw.key,
             )
-        # uint8 wraps 255 (ignore) to 0, so valid maps have every value + 1 <= num_classes; ~20x faster
-        # than comparing twice, and a bad value would otherwise surface as a device assert in the loss
-        if int((mask + 1).max()) > num_classes:
+        # a map without ignore pixels passes on its max alone; with them, uint8 wraps 255 (ignore) to 0, so
+        # valid maps have every value + 1 <= num_classes (~20x faster than comparing twice). A bad value would
+        # otherwise surface as a device assert in the loss
+        if int(mask.max()) >= num_classes and int((mask + 1).max()) > num_classes:
             raise ShardError(
                 f"{where}: label map has values >= num_classes={num_classes}", raw.shard, raw.key
             )
     return Sample(raw.key, image, mask, meta)
 
 
-def _tensor(data: bytes) -> Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a copy: torch wants a writable buffer
+def _tensor(data: bytes | bytearray) -> Tensor:
+    if not isinstance(data, bytearray):
+        data = bytearray(data)  # a copy: torch wants a writable buffer (the tar reader gives bytearrays)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 class ErrorPolicy:

@@ -182,14 +182,15 @@ class _TrainStream(IterableDataset):
             masks = _batch_tensor((b, crop, crop), torch.uint8)
             colour = _batch_tensor((b, COLOUR_ROWS, 3), torch.float32)
             sizes = _batch_tensor((b, 2), torch.int32)
+            colour_rows, content = colour.numpy(), sizes.numpy()  # views: a numpy store is ~10x cheaper
             keys = []
             for i in range(b):
                 s, sample_id = next(samples)
                 assert s.mask is not None
                 # augmentation drawn per sample: the same crop, flip and colour whichever reader, rank or resume
                 rng = random.Random(derive_seed(TAG_AUG, self.seed, epoch, sample_id))
-                colour[i], size = self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
-                sizes[i, 0], sizes[i, 1] = size
+                rows, content[i] = self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
+                colour_rows[i] = rows.numpy()
                 keys.append(s.key)
             retries = retry_count() - retries_before
             clip = colour_range(self.cfg.mean, self.cfg.std) if self.cfg.color_jitter > 0 else None

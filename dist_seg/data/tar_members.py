@@ -10,6 +10,7 @@ truncated stream, so callers treat it as they treat `tarfile`'s errors.
 
 from __future__ import annotations
 
+import io
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ def _number(field: bytes) -> int:
 
 def _check(header: bytes, offset: int) -> None:
     stored = _number(header[148:156])
-    unsigned = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as 8 spaces
+    unsigned = sum(header) - sum(header[148:156]) + 256  # the checksum field counts as 8 spaces
     if stored != unsigned:
         signed = sum(struct.unpack("148b", header[:148])) + 256 + sum(struct.unpack("356b", header[156:]))
         if stored != signed:  # some old writers summed signed bytes; tarfile accepts both too
@@ -73,6 +74,22 @@ class _Stream:
         self.offset += n
         return data
 
+    def read_writable(self, n: int, what: str) -> bytearray:
+        """n bytes into a fresh bytearray, which torch can wrap without the copy it makes of bytes."""
+        if not isinstance(self.f, (io.BufferedIOBase, io.FileIO)):  # files and BytesIO; other streams: read
+            return bytearray(self.read(n, what))
+        readinto = self.f.readinto
+        data = bytearray(n)
+        got = readinto(data)
+        if got != n:  # a short read only happens at the end of the file, or in the middle of a pipe
+            view = memoryview(data)
+            while got and got < n and (more := readinto(view[got:])):
+                got += more
+            if got != n:
+                raise tarfile.ReadError(f"unexpected end of data at byte {self.offset + got} ({what})")
+        self.offset += n
+        return data
+
     def skip(self, n: int, what: str) -> None:
         if not self.seekable:
             self.read(n, what)
@@ -81,9 +98,9 @@ class _Stream:
         self.offset += n
 
 
-def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data) of every regular file of the tar stream `f`, in order: data for the members whose extension
-    (what follows the first dot of the base name, lower-cased) is in `wanted`, None for the others, whose data
+def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, bytearray | None]]:
+    """(name, data) of every regular file of the tar stream `f`, in order: data (a bytearray) for the members
+    whose extension (what follows the first dot of the base name, lower-cased) is in `wanted`, None for the others, whose data
     is skipped by seeking (or read and dropped on a plain stream). The stream ends at its first zero block or
     at a clean end of file; anything else short or malformed raises tarfile.ReadError with its byte offset."""
     s = _Stream(f)
@@ -127,7 +144,7 @@ def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, byt
             raise tarfile.ReadError(f"tar member {name!r} at byte {at}: unsupported type {kind!r}")
         base = name.rpartition("/")[2]
         if base.partition(".")[2].lower() in wanted:
-            data = s.read(size, name)
+            data = s.read_writable(size, name)
             s.skip(padded - size, name)
             yield name, data
         else:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dist_seg.config import DataConfig
 from dist_seg.data import IGNORE_INDEX
-from dist_seg.data.device import COLOUR_ROWS, colour_range, plain_colour, to_model_input
+from dist_seg.data.device import colour_range, plain_colour, to_model_input
 
 
 def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
@@ -136,9 +136,7 @@ class TrainTransform:
         # the contrast's mean grey level, from every 4th row and column: plenty for an augmentation
         sub_mean = image[:, ::4, ::4].float().mean((1, 2)).tolist()
         a, bias = colour_matrix(sub_mean, factors, self.mean, self.std)  # type: ignore[arg-type]
-        colour = torch.empty(COLOUR_ROWS, 3)
-        colour[:3], colour[3] = a, bias
-        return colour, (out_h, out_w)
+        return torch.cat((a, bias[None])), (out_h, out_w)
 
 
 class EvalTransform:
