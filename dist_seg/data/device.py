@@ -75,9 +75,10 @@ def _colour(
         # sample by sample: a [3, 3] x [3, pixels] product. A sample that fills most of the plane is computed
         # whole, straight into its slot of the batch (no copy); a small one on its content only, then copied
         # (a small image padded to the crop costs its own size, as when the workers did this). A scratch
-        # buffer reused across samples holds the float pixels: fresh large buffers cost page faults.
+        # buffer reused across samples holds the float pixels (and another the products): fresh large buffers
+        # cost page faults.
         out = torch.empty(b, 3, h, w)
-        scratch = torch.empty(3 * h * w)
+        scratch, products = torch.empty(3 * h * w), torch.empty(0)
         for i in range(b):
             sh, sw = content[i] if content else (h, w)
             whole = sh * sw >= WHOLE_PLANE_FILL * h * w
@@ -88,7 +89,9 @@ def _colour(
                 values = out[i]
                 torch.addmm(bias[i], a_t[i], pixels.view(3, ph * pw), out=values.view(3, ph * pw))
             else:
-                values = torch.addmm(bias[i], a_t[i], pixels.view(3, ph * pw)).view(3, ph, pw)
+                products = products if products.numel() else torch.empty(3 * h * w)
+                values = products[: 3 * ph * pw].view(3, ph, pw)
+                torch.addmm(bias[i], a_t[i], pixels.view(3, ph * pw), out=values.view(3, ph * pw))
             if clip is not None:
                 for ch in range(3):
                     values[ch].clamp_(clip[0][ch], clip[1][ch])
