@@ -59,6 +59,16 @@ def _pax_records(data: bytes, offset: int) -> dict[str, str]:
     return records
 
 
+def _pax_size(pax: dict[str, str], offset: int) -> int:
+    try:
+        size = int(pax["size"])
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise tarfile.ReadError(f"invalid pax size {pax['size']!r} for the member at byte {offset}")
+    return size
+
+
 class _Stream:
     """Exact reads and forward skips with the byte offset kept, on seekable files and plain streams alike."""
 
@@ -116,7 +126,7 @@ def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, byt
         s.offset += BLOCK
         _check(header, at)
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax and kind not in _META else _number(header[124:136])
+        size = _pax_size(pax, at) if "size" in pax and kind not in _META else _number(header[124:136])
         padded = -(-size // BLOCK) * BLOCK
         if kind in _META:
             data = s.read(padded, "extended header")[:size]

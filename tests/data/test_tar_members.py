@@ -136,6 +136,18 @@ def test_damage_raises_tarfile_read_error_with_the_offset(case: str) -> None:
         list(iter_members(io.BytesIO(data), WANTED))
 
 
+def test_a_bad_pax_size_is_a_read_error() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a.jpg")
+        info.size, info.pax_headers = 3, {"comment": "x" * 20}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    bad = "-" + "0" * 21 + "1"  # as long as the comment's value, so the record keeps its length
+    data = buf.getvalue().replace(b"comment=" + b"x" * 20, b"size=" + bad.encode())
+    with pytest.raises(tarfile.ReadError, match=f"invalid pax size '{bad}'"):
+        list(iter_members(io.BytesIO(data), WANTED))
+
+
 def test_a_cut_at_a_member_boundary_is_a_clean_end() -> None:
     # the shard reader's expected sample count is what catches this one (tests/data/test_shards.py)
     data = _tar([("a.jpg", b"j" * 512), ("b.jpg", b"k" * 10)], tarfile.GNU_FORMAT, False)
