@@ -27,7 +27,7 @@ DATASETS = {
 
 _RUNNER = """
 import resource, sys, time
-from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.data.prep.convert import ConvertOptions, convert
 t = time.perf_counter()
 m = convert(ConvertOptions(sys.argv[1], sys.argv[2], sys.argv[3], workers=int(sys.argv[4]), progress=False))
 dt = time.perf_counter() - t

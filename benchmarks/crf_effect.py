@@ -1,4 +1,4 @@
-"""What DeepLab v1's dense CRF (dist_seg.crf) does to a trained checkpoint's mIoU, and what it costs.
+"""What DeepLab v1's dense CRF (dist_seg.infer.crf) does to a trained checkpoint's mIoU, and what it costs.
 
     .venv/bin/python benchmarks/crf_effect.py --config configs/deeplab_v1.yaml --checkpoint runs/x/best.pt \\
         --shards shards/trashcan/val                      # every image of the shards, CRF at config crf.*
@@ -13,7 +13,7 @@ per-class IoU with and without the CRF, seconds per image for the model and for 
 memory: on CUDA the peak allocated above the baseline per image; on CPU the peak resident-set growth per
 image, sampled every 5 ms (allocator caching makes it a lower bound), and the process's peak RSS.
 Positional key=value arguments override the config; crf.* keys (when the config schema has them) set the
-CRF, otherwise dist_seg.crf.CRFParams' defaults. On a busy CPU, --threads 1 is often faster.
+CRF, otherwise dist_seg.infer.crf.CRFParams' defaults. On a busy CPU, --threads 1 is often faster.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 
 from dist_seg.checkpoint import load_for_inference
-from dist_seg.config_loading import load_config
-from dist_seg.crf import CRFParams, dense_crf
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.data.remote import RemoteOptions
-from dist_seg.data.shards import dataset_classes
-from dist_seg.data.transforms import denormalize, padded_size
-from dist_seg.metrics import ConfusionMatrix, to_jsonable
+from dist_seg.config.loading import load_config
+from dist_seg.data.format.remote import RemoteOptions
+from dist_seg.data.format.shards import dataset_classes
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.data.loading.transforms import denormalize, padded_size
+from dist_seg.infer.crf import CRFParams, dense_crf
+from dist_seg.infer.metrics import ConfusionMatrix, to_jsonable
 from dist_seg.models import input_constraints
-from dist_seg.precision import AMP_DTYPES, autocast
+from dist_seg.runtime.precision import AMP_DTYPES, autocast
 
 
 class RssSampler:

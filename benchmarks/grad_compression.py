@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from dist_seg.config import ModelConfig
+from dist_seg.config.schema import ModelConfig
 from dist_seg.models import VGG_MODELS, build_model
 
 

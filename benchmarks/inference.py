@@ -6,7 +6,7 @@
 Each variant runs in its own process (so that peak memory is its own; times are CPU seconds of one thread on
 CPU, which other jobs on a shared machine barely move, wall-clock seconds on CUDA): build the models (random weights; the
 cost does not depend on them), one warm-up image, then --images images one at a time through
-dist_seg.inference.Predictor. Reported per variant: seconds per image, its ratio to the baseline (one
+dist_seg.infer.predictor.Predictor. Reported per variant: seconds per image, its ratio to the baseline (one
 DeconvNet, whole image) measured in the same run, and peak memory *above the loaded models*: CUDA's
 max_memory_allocated, or on CPU the growth of the process's peak RSS (ru_maxrss) over its value after loading.
 An ensemble should cost about the sum of its members' times and the activations of its largest member, not
@@ -45,8 +45,8 @@ def _peak_rss_bytes() -> int:
 
 
 def run_variant(spec: dict, args: argparse.Namespace) -> dict:
-    from dist_seg.config import ModelConfig
-    from dist_seg.inference import Predictor, SlideWindow
+    from dist_seg.config.schema import ModelConfig
+    from dist_seg.infer.predictor import Predictor, SlideWindow
     from dist_seg.models import build_model
 
     torch.manual_seed(0)

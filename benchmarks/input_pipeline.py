@@ -1,7 +1,7 @@
 """Input pipeline throughput per loader worker: shards vs an on-the-fly COCO baseline vs the decode ceiling.
 
     python benchmarks/input_pipeline.py --dataset trashcan            # ../shared/data/trashcan_subset
-    python benchmarks/input_pipeline.py --dataset synth --images 200  # polygon-rich 512x512 (dist_seg.data.synth)
+    python benchmarks/input_pipeline.py --dataset synth --images 200  # polygon-rich 512x512 (dist_seg.data.prep.synth.dataset)
     python benchmarks/input_pipeline.py --dataset coco6 --repeat 40   # ../shared/data/icevision_coco6, repeated
     python benchmarks/input_pipeline.py --coco ANN.json --images DIR  # any COCO dataset
 
@@ -9,7 +9,7 @@ Everything runs in this one process with one torch thread, which is what a DataL
 figure is samples/s per worker (multiply by workers for a rank's ceiling on free cores). Measured in one run:
   (a)    this pipeline's host side, what a loader worker does: shards -> tar reading -> shuffle buffer ->
          decode -> train geometry (scale, crop, flip, pad) -> uint8 batches + per-sample colour rows
-  (a-e2e) (a) plus the device side run here on the CPU (dist_seg.data.device.to_model_input: colour jitter +
+  (a-e2e) (a) plus the device side run here on the CPU (dist_seg.data.loading.colour.to_model_input: colour jitter +
          normalisation of the uint8 batch), so that moved work is not mistaken for removed work
   (a0)   the same with transforms off (decoded samples are not transformed): ratio_vs_decode = a0 / c
   (b)    baseline: map-style Dataset, pycocotools COCO json, per sample PIL decode + annToMask for every
@@ -47,12 +47,12 @@ from torchvision.io import ImageReadMode, decode_image, decode_png
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_seg.config import DataConfig  # noqa: E402
-from dist_seg.data.convert import ConvertOptions, convert  # noqa: E402
-from dist_seg.data.shard_read import read_samples  # noqa: E402
-from dist_seg.data.shards import resolve_shards  # noqa: E402
-from dist_seg.data.stream import build_train_loader  # noqa: E402
-from dist_seg.data.transforms import TrainTransform  # noqa: E402
+from dist_seg.config.schema import DataConfig  # noqa: E402
+from dist_seg.data.format.reader import read_samples  # noqa: E402
+from dist_seg.data.format.shards import resolve_shards  # noqa: E402
+from dist_seg.data.loading.train_loader import build_train_loader  # noqa: E402
+from dist_seg.data.loading.transforms import TrainTransform  # noqa: E402
+from dist_seg.data.prep.convert import ConvertOptions, convert  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -170,7 +170,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[str, Path, Path]:
             tmp / "coco6.json",
             root / "images",
         )
-    from dist_seg.data.synth import generate
+    from dist_seg.data.prep.synth.dataset import generate
 
     g = generate(tmp / "synth", images=args.images, val_images=0, size=512, seed=0)
     return f"synth ({args.images} images, 512x512, polygons)", g["train_json"], g["images_dir"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_seg.config import ModelConfig
+from dist_seg.config.schema import ModelConfig
 from dist_seg.models import MODEL_NAMES, VGG_MODELS, build_model, padded_side
 
 DECONVNET_EXPECTED_GMAC = 192.0

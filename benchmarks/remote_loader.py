@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from servers import ShardServer  # noqa: E402
 
-from dist_seg.config import DataConfig  # noqa: E402
-from dist_seg.data.convert import ConvertOptions, convert  # noqa: E402
-from dist_seg.data.stream import build_train_loader  # noqa: E402
+from dist_seg.config.schema import DataConfig  # noqa: E402
+from dist_seg.data.loading.train_loader import build_train_loader  # noqa: E402
+from dist_seg.data.prep.convert import ConvertOptions, convert  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

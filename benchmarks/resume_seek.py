@@ -3,7 +3,7 @@
     python benchmarks/resume_seek.py                      # 480 synthetic 224x224 images, batch 8
     python benchmarks/resume_seek.py --images 960 --workers 1
 
-A resume hands the loader its position (dist_seg.data.stream.DataPosition): each reader computes where its
+A resume hands the loader its position (dist_seg.data.loading.train_loader.DataPosition): each reader computes where its
 span continues, skips the tar members before that window by their headers (no data read, nothing decoded)
 and decodes only the window it needs. Measured in one run, interleaved, best of --repeat:
   seek(f)    first batch of a pass that starts at fraction f of the epoch (what a resume does now)
@@ -28,10 +28,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_seg.config import DataConfig  # noqa: E402
-from dist_seg.data.convert import ConvertOptions, convert  # noqa: E402
-from dist_seg.data.stream import DataPosition, build_train_loader  # noqa: E402
-from dist_seg.data.synth import generate  # noqa: E402
+from dist_seg.config.schema import DataConfig  # noqa: E402
+from dist_seg.data.loading.train_loader import DataPosition, build_train_loader  # noqa: E402
+from dist_seg.data.prep.convert import ConvertOptions, convert  # noqa: E402
+from dist_seg.data.prep.synth.dataset import generate  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.5, 0.9)
 

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dist_seg import distributed as D  # noqa: E402
-from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig  # noqa: E402
-from dist_seg.engine import StepContext, train_step  # noqa: E402
-from dist_seg.losses import build_loss  # noqa: E402
+from dist_seg.config.schema import LossConfig, ModelConfig, OptimConfig, SchedConfig  # noqa: E402
 from dist_seg.models import build_model  # noqa: E402
-from dist_seg.optim import build_optimizer, build_scheduler  # noqa: E402
-from dist_seg.precision import AMP_DTYPES, autocast  # noqa: E402
+from dist_seg.runtime import distributed as D  # noqa: E402
+from dist_seg.runtime.precision import AMP_DTYPES, autocast  # noqa: E402
+from dist_seg.train.loop import StepContext, train_step  # noqa: E402
+from dist_seg.train.losses import build_loss  # noqa: E402
+from dist_seg.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, for the model-FLOPs utilisation
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -175,11 +175,11 @@ def pipeline_run(dev: torch.device, width: float, size: int, batch: int, steps: 
     import tempfile
     import warnings
 
-    from dist_seg.config import DataConfig
-    from dist_seg.data.convert import ConvertOptions, convert
-    from dist_seg.data.device import Prefetcher
-    from dist_seg.data.stream import TRAIN_TENSORS, build_train_loader
-    from dist_seg.data.synth import generate
+    from dist_seg.config.schema import DataConfig
+    from dist_seg.data.loading.colour import Prefetcher
+    from dist_seg.data.loading.train_loader import TRAIN_TENSORS, build_train_loader
+    from dist_seg.data.prep.convert import ConvertOptions, convert
+    from dist_seg.data.prep.synth.dataset import generate
 
     with tempfile.TemporaryDirectory() as t:
         g = generate(Path(t) / "synth", images=max(64, 2 * batch), val_images=0, size=512, seed=0)

@@ -4,7 +4,7 @@ This module is the one owner of the checkpoint layout: `training_checkpoint` wri
 validates it, `restore_training` reads it back for resuming and `load_for_inference` for evaluation and
 prediction. Keys: model, optimizer, scheduler, scaler ({} without fp16), train_state, rng (one entry per
 rank), config, model_name, num_classes, class_names, and ema (train.ema_decay runs only: decay, updates and
-the averaged weights as a model state dict; see dist_seg.ema).
+the averaged weights as a model state dict; see dist_seg.train.ema).
 
 A checkpoint is written to a hidden temp file in the target's directory, flushed, fsynced and renamed over
 the target, then the directory is fsynced: a crash at any moment leaves either the old file or the new one,
@@ -21,20 +21,32 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from dist_seg.config import Config, ModelConfig, to_dict
-from dist_seg.ema import WeightEMA
+from dist_seg.config.schema import Config, ModelConfig, to_dict
 from dist_seg.models import build_model, unwrap
-from dist_seg.rng_state import restore_rng_state, seed_rngs
+from dist_seg.runtime.rng_state import restore_rng_state, seed_rngs
 
 _STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 _TEMP_GLOB = ".*.tmp"
 
 BeforeRename = Callable[[Path], None]
+
+
+class AveragedWeights(Protocol):
+    """What a checkpoint needs of a weight average (dist_seg.train.ema.WeightEMA), declared here so that
+    inference, which reads checkpoints, does not import the training package."""
+
+    decay: float
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def reset_to(self, model: nn.Module) -> None: ...
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -241,7 +253,7 @@ def training_checkpoint(
     rng: list[dict[str, Any]],
     num_classes: int,
     class_names: list[str],
-    ema: WeightEMA | None = None,
+    ema: AveragedWeights | None = None,
 ) -> dict[str, Any]:
     """Everything a run needs to resume (and evaluation/prediction to rebuild the model). `rng` holds every
     rank's RNG state, in rank order, so that each rank restores its own."""
@@ -280,7 +292,7 @@ def restore_training(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     rank: int,
-    ema: WeightEMA | None = None,
+    ema: AveragedWeights | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """Load a checkpoint read from `path` into the training objects and this rank's RNG; returns the saved
     train_state and a note for the log (or None). A rank the checkpoint had no RNG state for (the run resumes

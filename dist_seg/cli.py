@@ -7,15 +7,18 @@ import sys
 
 # subcommand -> (module, one-line help). Modules expose `main(argv: list[str] | None) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("dist_seg.data.synth", "write the built-in synthetic COCO dataset"),
-    "convert": ("dist_seg.data.convert", "convert a COCO instances dataset into webdataset shards"),
-    "eda": ("dist_seg.data.eda", "exploratory report of a COCO dataset (overlaps, class balance)"),
-    "split": ("dist_seg.data.split", "k-fold train/val jsons, grouped by image, stratified by class"),
-    "info": ("dist_seg.info", "model size, FLOPs and optimizer groups for a config"),
-    "train": ("dist_seg.train", "train (prefer: torchrun --nproc_per_node=N -m dist_seg.train ...)"),
-    "evaluate": ("dist_seg.evaluate", "evaluate a checkpoint on the validation shards"),
-    "predict": ("dist_seg.predict", "predict label maps, overlays and the submission CSV"),
-    "export": ("dist_seg.export", "export a checkpoint to ONNX, TorchScript or .pt2 and check it"),
+    "synth": ("dist_seg.data.prep.synth.dataset", "write the built-in synthetic COCO dataset"),
+    "convert": ("dist_seg.data.prep.convert", "convert a COCO instances dataset into webdataset shards"),
+    "eda": (
+        "dist_seg.data.prep.eda.report",
+        "exploratory report of a COCO dataset (overlaps, class balance)",
+    ),
+    "split": ("dist_seg.data.prep.split", "k-fold train/val jsons, grouped by image, stratified by class"),
+    "info": ("dist_seg.train.info", "model size, FLOPs and optimizer groups for a config"),
+    "train": ("dist_seg.train.command", "train (prefer: torchrun --nproc_per_node=N -m dist_seg.train ...)"),
+    "evaluate": ("dist_seg.infer.evaluate", "evaluate a checkpoint on the validation shards"),
+    "predict": ("dist_seg.infer.predict", "predict label maps, overlays and the submission CSV"),
+    "export": ("dist_seg.infer.export", "export a checkpoint to ONNX, TorchScript or .pt2 and check it"),
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dist_seg.data.manifest import read_manifest
+from dist_seg.data.format.manifest import read_manifest
 
 
 def jpeg(
@@ -59,14 +59,14 @@ def good_coco(img_dir: Path, n: int = 4) -> dict:
 
 
 def run_convert(tmp_path: Path, coco: dict, **kw) -> tuple[dict, str]:
-    """`python -m dist_seg.data.convert` on TMP/ann.json and TMP/img into TMP/out: (manifest, output); ({}, stderr)
+    """`python -m dist_seg.data.prep.convert` on TMP/ann.json and TMP/img into TMP/out: (manifest, output); ({}, stderr)
     when it fails. Keyword arguments become flags (`min_shards=2` -> `--min-shards 2`, True -> a bare flag)."""
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(coco))
     args = [
         sys.executable,
         "-m",
-        "dist_seg.data.convert",
+        "dist_seg.data.prep.convert",
         "--coco",
         str(ann),
         "--images",

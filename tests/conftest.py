@@ -51,7 +51,7 @@ def decode_png(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="session")
 def trash_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """trashcan_subset train (4 shards) and val (2 shards) converted once per test session."""
-    from dist_seg.data.convert import ConvertOptions, convert
+    from dist_seg.data.prep.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("trash_shards")
     for split, shards in (("trashcan_subset", 4), ("trashcan_subset_val", 2)):

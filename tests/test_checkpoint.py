@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_seg.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
-from dist_seg.rng_state import capture_rng_state, restore_rng_state
+from dist_seg.runtime.rng_state import capture_rng_state, restore_rng_state
 
 
 def _state(step, size=8):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from launch_utils import REPO
 
-from dist_seg.config import Config, save_config
-from dist_seg.config_loading import load_config
-from dist_seg.config_reference import reference_markdown
+from dist_seg.config.loading import load_config
+from dist_seg.config.reference import reference_markdown
+from dist_seg.config.schema import Config, save_config
 
 
 def test_layers_and_overrides(tmp_path: Path) -> None:
@@ -68,12 +68,12 @@ def test_readme_documents_every_key() -> None:
     for row in reference_markdown().splitlines():
         if row.startswith("| `"):
             assert row in readme, (
-                f"README config reference is stale: {row} (regenerate: python -m dist_seg.config_reference)"
+                f"README config reference is stale: {row} (regenerate: python -m dist_seg.config.reference)"
             )
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from dist_seg.config import CHOICES
+    from dist_seg.config.schema import CHOICES
 
     return CHOICES
 

@@ -1,4 +1,4 @@
-"""dist_seg.crf: the fast dense CRF (float32, what users run) against the exact O(N^2) float64 reference on
+"""dist_seg.infer.crf: the fast dense CRF (float32, what users run) against the exact O(N^2) float64 reference on
 tiny images, awkward inputs, the behaviour users rely on (it cleans up noisy labels along colour edges,
 iterations=0 is the identity, bad input is refused by name), and, where pydensecrf is installed, against
 Krähenbühl's own implementation on a real photo."""
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import shared_dataset
 from PIL import Image
 
-from dist_seg import crf
-from dist_seg.crf import CRFParams, Permutohedral, dense_crf, dense_crf_reference
+from dist_seg.infer import crf
+from dist_seg.infer.crf import CRFParams, Permutohedral, dense_crf, dense_crf_reference
 
 SPATIAL_ONLY = CRFParams(bilateral_weight=0.0)
 BILATERAL_ONLY = CRFParams(gaussian_weight=0.0)

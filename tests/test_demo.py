@@ -11,7 +11,7 @@ import pytest
 from launch_utils import REPO
 
 from dist_seg.checkpoint import load_checkpoint
-from dist_seg.data.manifest import read_manifest
+from dist_seg.data.format.manifest import read_manifest
 
 
 @pytest.mark.slow

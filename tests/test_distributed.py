@@ -6,7 +6,7 @@ import pytest
 import torch
 from launch_utils import REPO, torchrun
 
-from dist_seg import distributed as D
+from dist_seg.runtime import distributed as D
 
 
 def test_single_process_helpers_are_noops(monkeypatch) -> None:
@@ -67,7 +67,7 @@ def test_gradient_compression_hooks_train_like_the_plain_all_reduce(tmp_path) ->
 
 
 def test_an_unknown_gradient_compression_is_a_config_error() -> None:
-    from dist_seg.config import Config, TrainConfig, validate
+    from dist_seg.config.schema import Config, TrainConfig, validate
 
     with pytest.raises(ValueError, match=r"train.grad_compression='zip': expected one of none, fp16, bf16"):
         validate(Config(train=TrainConfig(grad_compression="zip")))

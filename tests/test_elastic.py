@@ -15,7 +15,7 @@ from launch_utils import REPO, torchrun
 from tiny_shards import tar_keys
 
 from dist_seg.checkpoint import load_checkpoint
-from dist_seg.tb import read_scalars
+from dist_seg.train.tensorboard import read_scalars
 
 STEPS, SAVED_AT, KILLED_AT = 10, 4, 6
 FAST = [

@@ -13,12 +13,12 @@ from launch_utils import REPO
 from torch import nn
 
 from dist_seg.checkpoint import load_checkpoint
-from dist_seg.config_loading import load_config
-from dist_seg.distributed import World
-from dist_seg.ema import WeightEMA
-from dist_seg.engine import fit
-from dist_seg.evaluate import main as evaluate_main
-from dist_seg.tb import read_scalars
+from dist_seg.config.loading import load_config
+from dist_seg.infer.evaluate import main as evaluate_main
+from dist_seg.runtime.distributed import World
+from dist_seg.train.ema import WeightEMA
+from dist_seg.train.loop import fit
+from dist_seg.train.tensorboard import read_scalars
 
 
 def _net() -> nn.Module:

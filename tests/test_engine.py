@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import shared_dataset
 
-from dist_seg.config import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
-from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.engine import StepContext, StepOutput, train_step
-from dist_seg.inference import compute_confusion
-from dist_seg.loop import Plan, TrainState
-from dist_seg.losses import build_loss
+from dist_seg.config.schema import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.data.prep.convert import ConvertOptions, convert
+from dist_seg.infer.predictor import compute_confusion
 from dist_seg.models import build_model, input_constraints
-from dist_seg.optim import build_optimizer, build_scheduler
+from dist_seg.train.loop import StepContext, StepOutput, train_step
+from dist_seg.train.losses import build_loss
+from dist_seg.train.optim import build_optimizer, build_scheduler
+from dist_seg.train.state import Plan, TrainState
 
 
 def _out(nonfinite_loss: bool = False) -> StepOutput:
@@ -182,9 +182,9 @@ def test_training_stops_early_with_a_checkpoint_and_a_resume_does_not_train_on(
     from launch_utils import REPO
 
     from dist_seg.checkpoint import load_checkpoint
-    from dist_seg.config_loading import load_config
-    from dist_seg.distributed import World
-    from dist_seg.engine import fit
+    from dist_seg.config.loading import load_config
+    from dist_seg.runtime.distributed import World
+    from dist_seg.train.loop import fit
 
     out = tmp_path / "run"
     overrides = [
@@ -212,7 +212,7 @@ def test_training_stops_early_with_a_checkpoint_and_a_resume_does_not_train_on(
 
 
 def test_early_stop_without_validation_shards_is_a_config_error() -> None:
-    from dist_seg.config import Config, TrainConfig, validate
+    from dist_seg.config.schema import Config, TrainConfig, validate
 
     with pytest.raises(ValueError, match=r"train.early_stop_patience=3 needs data.val_shards"):
         validate(Config(train=TrainConfig(early_stop_patience=3)))

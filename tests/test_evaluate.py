@@ -11,13 +11,13 @@ from conftest import REPO, shared_dataset
 from launch_utils import torchrun
 from PIL import Image
 
-from dist_seg import distributed as D
-from dist_seg import evaluate
 from dist_seg.checkpoint import load_for_inference
-from dist_seg.config_loading import load_config
-from dist_seg.data.coco import load_coco
-from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.predict import PredictOptions, run_predict
+from dist_seg.config.loading import load_config
+from dist_seg.data.prep.coco import load_coco
+from dist_seg.data.prep.convert import ConvertOptions, convert
+from dist_seg.infer import evaluate
+from dist_seg.infer.predict import PredictOptions, run_predict
+from dist_seg.runtime import distributed as D
 
 N_IMAGES = 12
 CONFIG = str(REPO / "configs/cpu_small.yaml")
@@ -39,7 +39,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 2-step training run (the trainer evaluates at its last step) on 12 trashcan val images."""
-    from dist_seg.engine import fit
+    from dist_seg.train.loop import fit
 
     ann, images = shared_dataset("trashcan_subset_val")
     tmp = tmp_path_factory.mktemp("evaluate")
@@ -142,7 +142,7 @@ def _untrained_fcn8s(run: dict):
     """A randomly initialised FCN-8s (width 0.125) checkpoint with the run's classes and config: a second,
     different ensemble member, whose label maps are far from uniform."""
     from dist_seg.checkpoint import load_checkpoint, save_checkpoint
-    from dist_seg.config import to_dict
+    from dist_seg.config.schema import to_dict
     from dist_seg.models import build_model
 
     path = run["tmp"] / "fcn8s.pt"
@@ -160,7 +160,7 @@ def _untrained_fcn8s(run: dict):
 def test_an_ensemble_with_windows_and_flips_evaluates_and_predicts_on_two_ranks_like_one(run: dict) -> None:
     """Two members (the trained deeplab_v1 and an fcn8s of another width), flip TTA, 96-pixel windows every
     64 pixels: the CLI in one process, then the same options under torchrun; confusion matrix and CSV equal."""
-    from dist_seg.predict import main as predict_main
+    from dist_seg.infer.predict import main as predict_main
 
     tmp, coco = run["tmp"], str(run["tmp"] / "val.json")
     members = [str(run["ck"]), str(_untrained_fcn8s(run))]
@@ -200,7 +200,7 @@ def test_an_ensemble_with_windows_and_flips_evaluates_and_predicts_on_two_ranks_
 def test_evaluate_and_predict_with_the_dense_crf(run: dict) -> None:
     """--crf as users type it, with a config override, on a model whose predictions are noisy (an untrained
     FCN-8s): the CRF changes the confusion matrix (not its total), and metrics.json records its parameters."""
-    from dist_seg.predict import main as predict_main
+    from dist_seg.infer.predict import main as predict_main
 
     tmp, ck = run["tmp"], str(_untrained_fcn8s(run))
     overrides = [*run["overrides"], "model.name=fcn8s", "model.width_mult=0.125"]

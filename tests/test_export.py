@@ -21,12 +21,12 @@ from conftest import REPO, shared_dataset
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from dist_seg import export
 from dist_seg.checkpoint import load_for_inference, save_checkpoint
-from dist_seg.config import to_dict
-from dist_seg.config_loading import load_config
-from dist_seg.data.coco import load_coco
-from dist_seg.export import ExportOptions, run_export
+from dist_seg.config.loading import load_config
+from dist_seg.config.schema import to_dict
+from dist_seg.data.prep.coco import load_coco
+from dist_seg.infer import export
+from dist_seg.infer.export import ExportOptions, run_export
 from dist_seg.models import build_model
 
 onnx = pytest.importorskip("onnx")

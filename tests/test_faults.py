@@ -1,6 +1,6 @@
 """Fault injection into real runs (issue: nothing hangs, nothing is lost). CPU, gloo, 2 processes, tiny models.
 
-Faults come from the DIST_SEG_FAULT_* switches in dist_seg/faults.py, the same ones users can drill with.
+Faults come from the DIST_SEG_FAULT_* switches in dist_seg/runtime/fault_injection.py, the same ones users can drill with.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from conftest import read_shards
 from launch_utils import REPO, torchrun
 
 from dist_seg.checkpoint import load_checkpoint, save_checkpoint
-from dist_seg.tb import read_scalars
+from dist_seg.train.tensorboard import read_scalars
 
 # A fast model: the machinery is under test here, not the architecture.
 FAST = [

@@ -1,4 +1,4 @@
-"""The Predictor (dist_seg.inference): padding, flip and scale TTA, sliding windows and ensembles against
+"""The Predictor (dist_seg.infer.predictor): padding, flip and scale TTA, sliding windows and ensembles against
 hand computations; loading an ensemble and the shared options' errors. The real runs (CLI, torchrun) are in
 tests/test_evaluate.py and tests/test_predict.py."""
 
@@ -14,9 +14,9 @@ from conftest import REPO
 from torch import nn
 
 from dist_seg.checkpoint import save_checkpoint
-from dist_seg.config import to_dict
-from dist_seg.config_loading import load_config
-from dist_seg.inference import (
+from dist_seg.config.loading import load_config
+from dist_seg.config.schema import to_dict
+from dist_seg.infer.predictor import (
     Predictor,
     SlideWindow,
     check_inference_args,

@@ -10,10 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_seg.cli import main as cli_main
-from dist_seg.config_loading import load_config
-from dist_seg.info import main
+from dist_seg.config.loading import load_config
 from dist_seg.models import build_model
-from dist_seg.optim import build_optimizer
+from dist_seg.train.info import main
+from dist_seg.train.optim import build_optimizer
 
 CONFIG = """\
 data:

@@ -1,6 +1,6 @@
-"""The package's import structure: no module imports one that (directly or through others) imports it back,
-function-level imports included, and the loader's modules stay free of the converter and its dependencies
-(every DataLoader worker imports them)."""
+"""The package's import structure: dependencies point down the layers of docs/design.md, no module imports one
+that (directly or through others) imports it back, function-level imports included, and the loader's modules
+stay free of the converter and its dependencies (every DataLoader worker imports them)."""
 
 from __future__ import annotations
 
@@ -59,9 +59,55 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# Each part of the package and its layer: a module may import modules of its own part or of a lower layer,
+# never of a higher one or of another part at the same layer (so `infer` never imports `train`, and
+# `data.loading`, `data.prep` and `models` stay independent of one another). The longest matching prefix wins.
+LAYERS: dict[str, int] = {
+    "dist_seg": 0,  # the package itself (its version)
+    "dist_seg.data": 0,  # the package itself: IGNORE_INDEX, the one constant everything shares
+    "dist_seg.viz": 0,  # class palettes and colourised maps (TensorBoard, EDA plots, predict overlays)
+    "dist_seg.runtime": 1,  # processes: torch.distributed, precision, RNG state, stop signals, fault drills
+    "dist_seg.config": 2,  # the typed config and its loading
+    "dist_seg.data.format": 3,  # what a shard is: manifest, tar members, reader, writer, remote storage
+    "dist_seg.data.class_weights": 3,
+    "dist_seg.data.loading": 4,  # shards -> batches: the data plan, train/eval loaders, augmentation, colour
+    "dist_seg.data.prep": 4,  # COCO -> shards: conversion, EDA, splits, synthetic data
+    "dist_seg.models": 4,
+    "dist_seg.checkpoint": 5,  # what a checkpoint holds: written by train, read by infer
+    "dist_seg.infer": 6,
+    "dist_seg.train": 7,
+    "dist_seg.cli": 8,
+}
+
+
+def _part(module: str) -> str:
+    return max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for m, targets in graph.items():
+        for t in targets:
+            a, b = _part(m), _part(t)
+            if a != b and not LAYERS[b] < LAYERS[a] and not m.startswith(t + "."):
+                bad.append(f"{m} ({a}, layer {LAYERS[a]}) imports {t} ({b}, layer {LAYERS[b]})")
+    return sorted(bad)
+
+
 def test_the_graph_sees_the_package() -> None:
     graph = _import_graph()
-    assert "dist_seg.engine" in graph and "dist_seg.checkpoint" in graph["dist_seg.engine"]
+    assert "dist_seg.train.loop" in graph and "dist_seg.checkpoint" in graph["dist_seg.train.loop"]
+    assert all(_part(m) for m in graph)  # every module belongs to a layer
+    # the check itself: an upward import is reported
+    assert _layer_violations({"dist_seg.infer.predict": {"dist_seg.train.loop"}}) == [
+        "dist_seg.infer.predict (dist_seg.infer, layer 6) imports dist_seg.train.loop (dist_seg.train, layer 7)"
+    ]
+    assert _layer_violations({"dist_seg.data.loading.plan": {"dist_seg.data.prep.coco"}})
+
+
+def test_dependencies_point_down_the_layers() -> None:
+    bad = _layer_violations(_import_graph())
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -72,8 +118,8 @@ def test_no_import_cycles() -> None:
 
 def test_loader_modules_do_not_import_the_converter() -> None:
     code = (
-        "import sys, dist_seg.data.stream, dist_seg.data.shards\n"
-        "heavy = ('dist_seg.data.convert', 'dist_seg.data.coco', 'pycocotools', 'matplotlib')\n"
+        "import sys, dist_seg.data.loading.train_loader, dist_seg.data.format.shards\n"
+        "heavy = ('dist_seg.data.prep.convert', 'dist_seg.data.prep.coco', 'pycocotools', 'matplotlib')\n"
         "print(' '.join(m for m in heavy if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from launch_utils import REPO, torchrun
 
-from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.data.synth import generate
+from dist_seg.data.prep.convert import ConvertOptions, convert
+from dist_seg.data.prep.synth.dataset import generate
 
 
 def _synth_shards(root: Path, images: int, val_images: int, seed: int) -> tuple[Path, Path]:

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_seg.classweights import median_frequency_weights
-from dist_seg.config import LossConfig
-from dist_seg.losses import CELoss, FocalLoss, build_loss, load_class_weights, soft_dice_loss
+from dist_seg.config.schema import LossConfig
+from dist_seg.data.class_weights import median_frequency_weights
+from dist_seg.train.losses import CELoss, FocalLoss, build_loss, load_class_weights, soft_dice_loss
 
 IGN = 255
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_seg.metrics import ConfusionMatrix, compute_metrics, to_jsonable
+from dist_seg.infer.metrics import ConfusionMatrix, compute_metrics, to_jsonable
 
 IGN = 255
 

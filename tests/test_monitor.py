@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dist_seg.monitor import hms, trim_history
+from dist_seg.train.reporting import hms, trim_history
 
 
 def test_trim_history_drops_entries_after_the_resumed_step(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from dist_seg.config import ModelConfig, OptimConfig, OptimGroup, SchedConfig
+from dist_seg.config.schema import ModelConfig, OptimConfig, OptimGroup, SchedConfig
 from dist_seg.models import build_model
-from dist_seg.optim import build_optimizer, build_scheduler, format_groups, lr_factor
+from dist_seg.train.optim import build_optimizer, build_scheduler, format_groups, lr_factor
 
 
 def small_deconvnet() -> nn.Module:
@@ -224,7 +224,7 @@ def test_group_coverage_check_is_a_real_error_even_under_python_O() -> None:
 
     code = (
         "import torch\n"
-        "from dist_seg.optim import _check_coverage\n"
+        "from dist_seg.train.optim import _check_coverage\n"
         "m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))\n"
         "named = list(m.named_parameters())\n"
         "try:\n"

@@ -17,16 +17,16 @@ from conftest import REPO, shared_dataset
 from PIL import Image
 from torch import nn
 
-from dist_seg import distributed as D
-from dist_seg import predict
 from dist_seg.checkpoint import save_checkpoint
-from dist_seg.config import to_dict
-from dist_seg.config_loading import load_config
-from dist_seg.data.coco import build_class_map, load_coco
-from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.config.loading import load_config
+from dist_seg.config.schema import to_dict
+from dist_seg.data.prep.coco import build_class_map, load_coco
+from dist_seg.data.prep.convert import ConvertOptions, convert
+from dist_seg.infer import predict
+from dist_seg.infer.predict import PredictOptions, list_folder, run_predict
+from dist_seg.infer.submission import decode_row, iter_rows
 from dist_seg.models import build_model
-from dist_seg.predict import PredictOptions, list_folder, run_predict
-from dist_seg.submission import decode_row, iter_rows
+from dist_seg.runtime import distributed as D
 
 # json positions in trashcan_subset val: 270-pixel and 360-pixel high images interleaved, so batches must regroup
 PICK = [0, 35, 1, 36, 2, 3, 37, 4]

@@ -20,11 +20,11 @@ import torch
 from launch_utils import REPO, free_port, torchrun
 
 from dist_seg.checkpoint import load_checkpoint
-from dist_seg.config import DataConfig, ModelConfig
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.inference import compute_confusion
+from dist_seg.config.schema import DataConfig, ModelConfig
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.infer.predictor import compute_confusion
 from dist_seg.models import build_model, input_constraints
-from dist_seg.preemption import MARKER, PREEMPTED_EXIT_CODE, StopRequest
+from dist_seg.runtime.preemption import MARKER, PREEMPTED_EXIT_CODE, StopRequest
 
 STEPS = 30
 FAST = [

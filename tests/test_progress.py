@@ -9,7 +9,7 @@ from pathlib import Path
 
 from launch_utils import REPO
 
-from dist_seg.progress import PlainProgress, progress
+from dist_seg.runtime.progress_lines import PlainProgress, progress
 
 
 def test_plain_lines_every_tenth_and_a_final_count() -> None:

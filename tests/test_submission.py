@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_seg import predict
-from dist_seg.submission import (
+from dist_seg.infer import predict
+from dist_seg.infer.submission import (
     HEADER,
     SubmissionWriter,
     check_submission,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dist_seg.tb import TAGS, TBLogger, expand_tags, read_images, read_scalars, read_tags
+from dist_seg.train.tensorboard import TAGS, TBLogger, expand_tags, read_images, read_scalars, read_tags
 from dist_seg.viz import class_palette
 
 

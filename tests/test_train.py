@@ -12,9 +12,9 @@ import torch
 from launch_utils import REPO, free_port, torchrun
 
 from dist_seg.checkpoint import load_checkpoint
-from dist_seg.config import ModelConfig
+from dist_seg.config.schema import ModelConfig
 from dist_seg.models import build_model
-from dist_seg.tb import expand_tags, read_scalars, read_tags
+from dist_seg.train.tensorboard import expand_tags, read_scalars, read_tags
 
 TRAIN = ["-m", "dist_seg.train", "--config", str(REPO / "configs/cpu_small.yaml")]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dist_seg.config import DataConfig
-from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.data.shard_writer import write_index
+from dist_seg.config.schema import DataConfig
+from dist_seg.data.format.writer import write_index
+from dist_seg.data.prep.convert import ConvertOptions, convert
 
 
 def make_coco(root: Path, ids: list[int], categories: tuple[str, ...] = ("cat", "dog")) -> tuple[Path, Path]:

@@ -13,7 +13,7 @@ import logging
 
 from torch import nn
 
-from dist_seg.config import ModelConfig
+from dist_seg.config.schema import ModelConfig
 from dist_seg.models.deconvnet import DeconvNet
 from dist_seg.models.deeplab import DeepLabV1LargeFOV
 from dist_seg.models.fcn import FCN8s
@@ -68,7 +68,7 @@ def input_constraints(model: nn.Module) -> tuple[int, int]:
 
 def padded_side(size: int, model: nn.Module) -> int:
     """The smallest square side >= `size` that satisfies the model's input constraints (one int; the
-    loaders' per-image (h, w) rounding is dist_seg.data.transforms.padded_size)."""
+    loaders' per-image (h, w) rounding is dist_seg.data.loading.transforms.padded_size)."""
     divisor, min_size = input_constraints(model)
     size = max(size, min_size)
     return -(-size // divisor) * divisor

@@ -17,8 +17,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tiny_shards import sample_ranges
 
-from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.data.manifest import read_manifest
+from dist_seg.data.format.manifest import read_manifest
+from dist_seg.data.prep.convert import ConvertOptions, convert
 
 POLICIES = ["area", "order", "max-class", "ignore"]
 
@@ -121,7 +121,7 @@ def test_trashcan_val_converts_with_defaults(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "dist_seg.data.convert",
+            "dist_seg.data.prep.convert",
             "--coco",
             str(ann_path),
             "--images",

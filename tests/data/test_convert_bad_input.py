@@ -12,7 +12,7 @@ from coco_fixtures import good_coco, run_convert, square
 from conftest import decode_png, read_shards
 from pycocotools import mask as mask_utils
 
-from dist_seg.data.convert import ConvertOptions, convert
+from dist_seg.data.prep.convert import ConvertOptions, convert
 
 BAD_CASES = {
     # reason: (mutation of a good json and its files, text the message must contain)

@@ -1,4 +1,4 @@
-"""The device half of the input pipeline (dist_seg.data.device): uint8 + per-sample colour rows -> normalised
+"""The device half of the input pipeline (dist_seg.data.loading.colour): uint8 + per-sample colour rows -> normalised
 float32 against a float64 torchvision reference, at float32 and under bf16 autocast, on awkward inputs;
 padding; the eval normalisation; the prefetcher's pass-through on CPU."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from dist_seg.config import DataConfig
-from dist_seg.data.device import Prefetcher, colour_range, plain_colour, to_model_input
-from dist_seg.data.transforms import TrainTransform
+from dist_seg.config.schema import DataConfig
+from dist_seg.data.loading.colour import Prefetcher, colour_range, plain_colour, to_model_input
+from dist_seg.data.loading.transforms import TrainTransform
 
 
 def _reference(

@@ -12,8 +12,8 @@ import pytest
 from conftest import reference_mask, shared_dataset
 from PIL import Image
 
-from dist_seg.data.convert import ConvertOptions, convert
-from dist_seg.data.eda import main, run_eda
+from dist_seg.data.prep.convert import ConvertOptions, convert
+from dist_seg.data.prep.eda.report import main, run_eda
 
 POLICIES = ["area", "order", "max-class", "ignore"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

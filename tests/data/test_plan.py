@@ -1,11 +1,11 @@
-"""Training work plan (dist_seg.data.plan): disjoint, equal per rank, a tail that changes between epochs even
+"""Training work plan (dist_seg.data.loading.plan): disjoint, equal per rank, a tail that changes between epochs even
 with one shard, emission orders that can start anywhere, and consumed ids that re-planning leaves out."""
 
 from __future__ import annotations
 
 import random
 
-from dist_seg.data.plan import (
+from dist_seg.data.loading.plan import (
     Geometry,
     consumed_ids,
     emission,

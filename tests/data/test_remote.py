@@ -1,4 +1,4 @@
-"""Shards at URLs (dist_seg.data.remote and the loaders over it), against real servers on 127.0.0.1: an HTTP
+"""Shards at URLs (dist_seg.data.format.remote and the loaders over it), against real servers on 127.0.0.1: an HTTP
 server with Range requests and injected faults (tests/servers.py) and moto's S3-compatible server.
 
 What users rely on: a URL reads exactly what the local directory reads; a reader fetches only its range; a
@@ -22,12 +22,12 @@ from launch_utils import REPO, torchrun
 from servers import ShardServer, moto_server
 from tiny_shards import cfg, epoch_keys, make_coco
 
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.data.remote import RemoteOptions, redact
-from dist_seg.data.shard_read import ShardReader
-from dist_seg.data.shards import ShardError, resolve_shards
-from dist_seg.data.stream import build_train_loader
-from dist_seg.tb import read_scalars
+from dist_seg.data.format.reader import ShardReader
+from dist_seg.data.format.remote import RemoteOptions, redact
+from dist_seg.data.format.shards import ShardError, resolve_shards
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.data.loading.train_loader import build_train_loader
+from dist_seg.train.tensorboard import read_scalars
 
 
 @pytest.fixture
@@ -97,10 +97,10 @@ def test_connection_reset_mid_shard_is_retried_counted_and_training_completes(se
 
 
 def test_training_run_counts_remote_retries_in_tensorboard(server, tiny_shards, tmp_path: Path) -> None:
-    from dist_seg.config import Config
-    from dist_seg.config_loading import load_config
-    from dist_seg.distributed import World
-    from dist_seg.engine import fit
+    from dist_seg.config.loading import load_config
+    from dist_seg.config.schema import Config
+    from dist_seg.runtime.distributed import World
+    from dist_seg.train.loop import fit
 
     server.reset["shard-000002.tar"] = 1
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Shard lists and sample reading (dist_seg.data.shards): specs resolved against their manifests with errors
+"""Shard lists and sample reading (dist_seg.data.format.shards): specs resolved against their manifests with errors
 that name the culprit, members other than images/labels/json never unpickled, corrupt samples named by shard
 and key or skipped and counted under data.on_error, label values checked."""
 
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from tiny_shards import cfg, epoch_keys, rewrite_member, tar_keys
 
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.data.stream import ShardError, build_train_loader, resolve_shards
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.data.loading.train_loader import ShardError, build_train_loader, resolve_shards
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_skip_counts_warns_once_and_keeps_the_step_count(
     shard_dir, shard, key = _corrupt_copy(data, tmp_path, how)
     c = cfg(train_shards=str(shard_dir), on_error="skip", batch_size=4)
     loader = build_train_loader(c, 0, 1, seed=0)
-    with caplog.at_level(logging.WARNING, logger="dist_seg.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="dist_seg.data.format.shards"):
         steps, keys = epoch_keys(loader, 0)
     assert steps == loader.steps_per_epoch == 10 and len(keys) == 40
     warnings = [

@@ -13,7 +13,7 @@ import pytest
 from conftest import shared_dataset
 from launch_utils import REPO
 
-from dist_seg.data.split import assign_folds, write_folds
+from dist_seg.data.prep.split import assign_folds, write_folds
 
 
 def run_split(*args: str) -> subprocess.CompletedProcess:

@@ -11,10 +11,10 @@ import torch
 from launch_utils import REPO, torchrun
 from tiny_shards import cfg, epoch_keys, tar_keys
 
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.data.manifest import read_manifest
-from dist_seg.data.plan import consumed_ids
-from dist_seg.data.stream import DataPosition, build_train_loader
+from dist_seg.data.format.manifest import read_manifest
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.data.loading.plan import consumed_ids
+from dist_seg.data.loading.train_loader import DataPosition, build_train_loader
 
 
 @pytest.fixture(scope="module")

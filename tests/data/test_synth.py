@@ -14,7 +14,7 @@ from conftest import reference_mask
 from PIL import Image
 
 from dist_seg.cli import main as cli_main
-from dist_seg.data import synth
+from dist_seg.data.prep.synth import dataset as synth
 
 SIZE = 128
 TRAIN, VAL = 40, 8
@@ -191,7 +191,7 @@ def test_cli_dispatch_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_converter_takes_it_without_dropping_anything(dataset: Path, tmp_path: Path) -> None:
     shards = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "dist_seg.data.convert", "--coco", str(dataset / "train.json")]
+    cmd = [sys.executable, "-m", "dist_seg.data.prep.convert", "--coco", str(dataset / "train.json")]
     cmd += ["--images", str(dataset / "images"), "--out", str(shards)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

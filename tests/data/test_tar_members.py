@@ -1,4 +1,4 @@
-"""dist_seg.data.tar_members against Python's tarfile, on every header format shard writers use, and on damage."""
+"""dist_seg.data.format.tar_members against Python's tarfile, on every header format shard writers use, and on damage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_seg.data.tar_members import _number, iter_members
+from dist_seg.data.format.tar_members import _number, iter_members
 
 WANTED = frozenset(("jpg", "seg.png", "json"))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_seg.config import DataConfig
-from dist_seg.data.transforms import (
+from dist_seg.config.schema import DataConfig
+from dist_seg.data.loading.transforms import (
     IGNORE_INDEX,
     colour_matrix,
     denormalize,

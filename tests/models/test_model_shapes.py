@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_seg.config import ModelConfig
+from dist_seg.config.schema import ModelConfig
 from dist_seg.models import MODEL_NAMES, build_model, input_constraints, padded_side
 from dist_seg.models.deconvnet import DECODER_STAGES, DeconvNet
 from dist_seg.models.vgg import VGG16_CFG

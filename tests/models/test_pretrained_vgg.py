@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.vgg import make_layers
 
-from dist_seg.config import ModelConfig
+from dist_seg.config.schema import ModelConfig
 from dist_seg.models import build_model
 from dist_seg.models.vgg import VGG16_CFG, load_pretrained_vgg, scaled
 

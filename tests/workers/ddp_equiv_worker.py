@@ -10,13 +10,13 @@ import sys
 
 import torch
 
-from dist_seg import distributed as D
-from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig
-from dist_seg.ema import WeightEMA
-from dist_seg.engine import StepContext, train_step
-from dist_seg.losses import build_loss
+from dist_seg.config.schema import LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.models import build_model, unwrap
-from dist_seg.optim import build_optimizer, build_scheduler
+from dist_seg.runtime import distributed as D
+from dist_seg.train.ema import WeightEMA
+from dist_seg.train.loop import StepContext, train_step
+from dist_seg.train.losses import build_loss
+from dist_seg.train.optim import build_optimizer, build_scheduler
 
 STEPS, B, CLASSES = int(__import__("os").environ.get("EQ_STEPS", 3)), 2, 4
 world = D.init_distributed("cpu", timeout_s=120)

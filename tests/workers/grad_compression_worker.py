@@ -10,12 +10,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dist_seg import distributed as D
-from dist_seg.config import LossConfig, ModelConfig, OptimConfig, SchedConfig
-from dist_seg.engine import StepContext, train_step
-from dist_seg.losses import build_loss
+from dist_seg.config.schema import LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.models import build_model
-from dist_seg.optim import build_optimizer, build_scheduler
+from dist_seg.runtime import distributed as D
+from dist_seg.train.loop import StepContext, train_step
+from dist_seg.train.losses import build_loss
+from dist_seg.train.optim import build_optimizer, build_scheduler
 
 STEPS, B, CLASSES, POWERSGD_START, LR = 12, 2, 4, 3, 0.05
 world = D.init_distributed("cpu", timeout_s=120)

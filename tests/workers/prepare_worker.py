@@ -6,10 +6,10 @@ import sys
 import torch
 from torch import nn
 
-from dist_seg import distributed as D
-from dist_seg.config import OptimConfig
+from dist_seg.config.schema import OptimConfig
 from dist_seg.models import unwrap
-from dist_seg.optim import build_optimizer
+from dist_seg.runtime import distributed as D
+from dist_seg.train.optim import build_optimizer
 
 world = D.init_distributed("cpu", timeout_s=60)
 try:

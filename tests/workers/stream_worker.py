@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_seg.config import DataConfig
-from dist_seg.data.eval_stream import build_eval_loader
-from dist_seg.data.stream import build_train_loader
+from dist_seg.config.schema import DataConfig
+from dist_seg.data.loading.eval_loader import build_eval_loader
+from dist_seg.data.loading.train_loader import build_train_loader
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_seg import distributed as D
+from dist_seg.runtime import distributed as D
 
 # (name, full batch shape, channel mean, channel std): the second is fc6/fc7 of DeconvNet at 224 px (a 1x1
 # map: the statistics of a channel come from one value per image)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_seg import distributed as D
+from dist_seg.runtime import distributed as D
 
 world = D.init_distributed("cpu", timeout_s=60)
 try:

@@ -1,0 +1,358 @@
+"""Typed configuration: the schema (dataclasses with defaults), its value checks and its serialisation.
+
+Every field has a docstring; the README's config reference lists them. Reading a config (defaults -> YAML
+file -> command-line `key=value` overrides) is dist_seg.config.loading.load_config; unknown keys and wrong
+types are `ValueError`s that name the dotted key, raised before any process group starts.
+
+Batch arithmetic: global batch = data.batch_size x world size x train.grad_accum images per optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dist_seg.runtime.preemption import parse_signals
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DataConfig:
+    train_shards: str | None = None
+    """Shard directory (with manifest.json), several joined by commas, or a brace pattern
+    `dir/shard-{000000..000009}.tar` (the manifest is read from the pattern's directory); each may be a URL
+    (`https://...`, `s3://bucket/prefix`, any fsspec protocol) instead of a local path."""
+    val_shards: str | None = None
+    """Same forms as `train_shards`; evaluated exactly once per sample across all ranks."""
+    crop_size: int = 512
+    """Square training crop in pixels (images smaller than this are padded; mask padding is 255)."""
+    batch_size: int = 8
+    """Images per process per micro-step."""
+    eval_batch_size: int = 4
+    """Images per process per evaluation batch (images are padded to a common size)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order every epoch (seeded by train.seed and the epoch)."""
+    shuffle_buffer: int = 256
+    """Shuffle window: each loader worker emits this many consecutive samples of its range in a random
+    order (so a resume can start at any batch); 0 or 1 disables sample shuffling."""
+    scale_min: float = 0.5
+    """Lower bound of the random rescale factor (training)."""
+    scale_max: float = 2.0
+    """Upper bound of the random rescale factor (training)."""
+    hflip_prob: float = 0.5
+    """Probability of a horizontal flip (training)."""
+    color_jitter: float = 0.2
+    """Strength of brightness/contrast/saturation jitter (training); 0 disables."""
+    eval_resize: int | None = None
+    """Resize the shorter side to this before evaluation (masks: nearest); null keeps the original size."""
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    """Per-channel normalisation mean (RGB, 0..1 scale)."""
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    """Per-channel normalisation std (RGB, 0..1 scale)."""
+    on_error: str = "raise"
+    """`raise`: a corrupt sample stops the run naming shard and key; `skip`: drop it, count it, warn."""
+    max_errors: int = 100
+    """With on_error=skip, raise after this many skipped samples on one rank."""
+    remote_retries: int = 5
+    """Shards at URLs: retries of a transient fault (connection reset, timeout, HTTP 5xx) per request, with
+    exponential backoff from 0.5 s; then the read fails as corrupt data does (see on_error)."""
+    remote_timeout_s: float = 60.0
+    """Shards at URLs: seconds a connection or a read may stall before it counts as a transient fault."""
+    cache_dir: str | None = None
+    """Shards at URLs: a local directory caching whole shards, named by sha256 and checked against the
+    manifest before use; shared safely by the ranks and workers of one machine. null reads ranges directly."""
+    cache_max_gb: float = 100.0
+    """Size bound of data.cache_dir: least recently used shards are deleted beyond it."""
+    pin_memory: bool = True
+    """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    persistent_workers: bool = True
+    """Keep DataLoader workers alive between epochs."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deconvnet"
+    """deconvnet | deeplab_v1 | fcn8s | deeplabv3_resnet50 | fcn_resnet50 | lraspp_mobilenet_v3_large."""
+    width_mult: float = 1.0
+    """Scales every channel count (0.125 for CPU tests and the demo)."""
+    num_classes: int | None = None
+    """Number of classes including background; null takes it from the training manifest."""
+    pretrained: str | None = None
+    """Path to a torchvision-format vgg16_bn state dict, `torchvision` to download it, or null."""
+
+
+@dataclass
+class OptimGroup:
+    params: str = "*"
+    """fnmatch pattern on parameter names (e.g. `encoder.*`); groups match in order, first match wins."""
+    lr_mult: float = 1.0
+    """Multiplier on optim.lr for this group."""
+    weight_decay: float | None = None
+    """Weight decay for this group; null uses optim.weight_decay."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd | adamw | adam."""
+    lr: float = 0.01
+    """Base learning rate (the implicit default group's lr)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW betas."""
+    weight_decay: float = 5.0e-4
+    """Default weight decay."""
+    groups: list[OptimGroup] = field(default_factory=list)
+    """Parameter groups matched in order; unmatched parameters go to the default group at optim.lr."""
+    no_decay_norm_and_bias: bool = True
+    """Put normalisation weights and all biases in weight-decay-free copies of their groups."""
+
+
+@dataclass
+class SchedConfig:
+    name: str = "poly"
+    """poly | cosine | step | constant."""
+    warmup_steps: int = 0
+    """Linear warm-up from warmup_factor x lr to lr over this many optimizer steps."""
+    warmup_factor: float = 0.001
+    """Starting fraction of the lr during warm-up."""
+    power: float = 0.9
+    """Exponent of the poly schedule."""
+    min_lr_ratio: float = 0.0
+    """Final lr as a fraction of the base lr (poly, cosine)."""
+    step_size: int = 1000
+    """step schedule: multiply the lr by gamma every step_size optimizer steps."""
+    gamma: float = 0.1
+    """step schedule: decay factor."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    """ce | ce+dice | focal."""
+    class_weights: str | None = None
+    """null, `auto` (median-frequency weights from the training manifest), or a path to a json list
+    or an EDA summary.json (its `suggested_class_weights`)."""
+    dice_weight: float = 1.0
+    """Weight of the dice term in ce+dice."""
+    focal_gamma: float = 2.0
+    """Focusing parameter of the focal loss."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy term (ce, ce+dice; with focal it is a config error)."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    """Run directory: resolved config, TensorBoard events, checkpoints, metrics."""
+    epochs: int = 1
+    """Number of epochs (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Total optimizer steps; overrides epochs when set."""
+    eval_every: int | None = None
+    """Evaluate every N optimizer steps; null evaluates at the end of each epoch."""
+    log_every: int = 10
+    """Log scalars and a progress line every N optimizer steps."""
+    amp: str = "bf16"
+    """bf16 | fp16 | off. Autocast dtype; parameters stay fp32. fp16 uses a GradScaler."""
+    sync_bn: bool = True
+    """Convert BatchNorm to SyncBatchNorm when world size > 1."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    clip_grad: float | None = None
+    """Clip the global gradient norm to this value; null disables."""
+    channels_last: bool = False
+    """Use channels-last memory format for model and inputs."""
+    compile: bool = False
+    """torch.compile the model."""
+    grad_compression: str = "none"
+    """none | fp16 | bf16 | powersgd: DDP communication hook for the gradient all-reduce (torch's own hooks;
+    see README "Running on many GPUs and nodes"). fp16/bf16 halve the bytes sent; powersgd sends a rank-
+    train.powersgd_rank approximation after train.powersgd_start_step plain steps (its error-feedback state
+    is not checkpointed: a resumed powersgd run restarts it). Ignored in one process."""
+    powersgd_rank: int = 1
+    """PowerSGD's matrix approximation rank (higher: more accurate, more bytes)."""
+    powersgd_start_step: int = 1000
+    """Optimizer steps of plain all-reduce before PowerSGD starts (PowerSGD paper: warm up uncompressed)."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation (per rank and worker derived from it)."""
+    resume: str | None = "auto"
+    """`auto` resumes from out_dir/last.pt when present; a path resumes from that file; null starts fresh."""
+    save_every: int | None = None
+    """Save last.pt every N optimizer steps (also at the end of every epoch); null: only per epoch."""
+    keep_last: int = 2
+    """Keep this many step-stamped checkpoints besides last.pt and best.pt; 0 keeps none."""
+    max_nonfinite: int = 5
+    """Stop the run after this many consecutive non-finite losses."""
+    early_stop_patience: int | None = None
+    """Stop training once val mIoU has not improved for this many evaluations in a row (a checkpoint is
+    written at that step); null never stops early. Every rank sees the same all-reduced mIoU, so every rank
+    stops at the same step."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warm-up
+    min(decay, (1+n)/(10+n)) after n updates; BatchNorm buffers copied). Evaluations then report both
+    weights (TensorBoard val/ and val_ema/); best.pt, early stopping and the returned metrics follow the EMA,
+    which evaluate/predict use by default (--weights). null: off."""
+    timeout_s: int = 600
+    """Collective timeout in seconds: a dead or stalled peer ends the run with an error after this."""
+    stop_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that stop the run with a checkpoint of the step reached and exit code 75 (see README
+    "Preemption, node loss and resize"); comma-separated names, empty for none."""
+    num_vis_images: int = 4
+    """Validation images shown in TensorBoard (input | ground truth | prediction) at every eval."""
+    device: str = "auto"
+    """auto (cuda when available), cuda or cpu."""
+
+
+@dataclass
+class CRFConfig:
+    """DeepLab v1's fully connected CRF (`--crf` in evaluate and predict); defaults are DeepLab-LargeFOV's
+    published values for PASCAL VOC."""
+
+    iterations: int = 10
+    """Mean-field iterations."""
+    bilateral_weight: float = 4.0
+    """w1: weight of the appearance (position + colour) kernel."""
+    bilateral_xy_std: float = 121.0
+    """theta_alpha: spatial std of the appearance kernel, in pixels."""
+    bilateral_rgb_std: float = 5.0
+    """theta_beta: colour std of the appearance kernel, in 0..255 intensity units."""
+    gaussian_weight: float = 3.0
+    """w2: weight of the smoothness (position only) kernel."""
+    gaussian_xy_std: float = 3.0
+    """theta_gamma: spatial std of the smoothness kernel, in pixels."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.on_error": ("raise", "skip"),
+    "optim.name": ("sgd", "adamw", "adam"),
+    "sched.name": ("poly", "cosine", "step", "constant"),
+    "loss.name": ("ce", "ce+dice", "focal"),
+    "train.amp": ("bf16", "fp16", "off"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "train.grad_compression": ("none", "fp16", "bf16", "powersgd"),
+}
+
+_POSITIVE: tuple[str, ...] = (
+    "data.crop_size",
+    "data.batch_size",
+    "data.eval_batch_size",
+    "train.log_every",
+    "train.grad_accum",
+    "train.max_nonfinite",
+    "train.timeout_s",
+    "train.powersgd_rank",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and choices that the type system cannot; raise ValueError naming the key."""
+    parse_signals(cfg.train.stop_signals)  # names a signal a process can catch
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ValueError(f"config key {key}={_get(cfg, key)!r}: expected one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ValueError(f"config key {key}={_get(cfg, key)!r}: must be >= 1")
+    if cfg.data.num_workers < 0:
+        raise ValueError(f"config key data.num_workers={cfg.data.num_workers}: must be >= 0")
+    if not 0 < cfg.data.scale_min <= cfg.data.scale_max:
+        raise ValueError(
+            f"config keys data.scale_min={cfg.data.scale_min}, data.scale_max={cfg.data.scale_max}: "
+            "need 0 < scale_min <= scale_max"
+        )
+    if cfg.train.early_stop_patience is not None and cfg.train.early_stop_patience < 1:
+        raise ValueError(
+            f"config key train.early_stop_patience={cfg.train.early_stop_patience}: must be >= 1 or null"
+        )
+    if cfg.train.early_stop_patience is not None and not cfg.data.val_shards:
+        raise ValueError(
+            f"config key train.early_stop_patience={cfg.train.early_stop_patience} needs data.val_shards: "
+            "early stopping watches the validation mIoU"
+        )
+    if cfg.train.powersgd_start_step < 2:
+        # torch's PowerSGD needs >= 2 plain steps: DDP rebuilds its buckets after the first iteration
+        raise ValueError(
+            f"config key train.powersgd_start_step={cfg.train.powersgd_start_step}: must be >= 2"
+        )
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ValueError(f"config key train.ema_decay={cfg.train.ema_decay}: must be in (0, 1) or null")
+    if cfg.crf.iterations < 0:
+        raise ValueError(f"config key crf.iterations={cfg.crf.iterations}: must be >= 0")
+    for key in ("crf.bilateral_xy_std", "crf.bilateral_rgb_std", "crf.gaussian_xy_std"):
+        if _get(cfg, key) <= 0:
+            raise ValueError(f"config key {key}={_get(cfg, key)!r}: must be > 0")
+    if cfg.data.remote_retries < 0:
+        raise ValueError(f"config key data.remote_retries={cfg.data.remote_retries}: must be >= 0")
+    for key in ("data.remote_timeout_s", "data.cache_max_gb"):
+        if _get(cfg, key) <= 0:
+            raise ValueError(f"config key {key}={_get(cfg, key)!r}: must be > 0")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ValueError("config keys data.mean and data.std need 3 values (RGB)")
+    if cfg.model.width_mult <= 0:
+        raise ValueError(f"config key model.width_mult={cfg.model.width_mult}: must be > 0")
+    if cfg.model.num_classes is not None and not 2 <= cfg.model.num_classes <= 255:
+        raise ValueError(f"config key model.num_classes={cfg.model.num_classes}: must be in 2..255")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ValueError(f"config key train.max_steps={cfg.train.max_steps}: must be >= 1 or null")
+    if cfg.train.epochs < 1:
+        raise ValueError(f"config key train.epochs={cfg.train.epochs}: must be >= 1")
+    if cfg.loss.name == "focal" and cfg.loss.label_smoothing != 0.0:
+        # the focal loss has no smoothed-target form here; ignoring the key silently would change the recipe
+        raise ValueError(
+            f"config keys loss.name=focal and loss.label_smoothing={cfg.loss.label_smoothing}: the focal loss "
+            "does not support label smoothing; set loss.label_smoothing=0 or use loss.name=ce / ce+dice"
+        )
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"config key optim.betas={cfg.optim.betas}: needs two values")
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. stored in a checkpoint)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))

@@ -1,0 +1,204 @@
+"""What the training loop reports: progress lines, training scalars and evaluation results (rank 0 writes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_seg.config.schema import Config
+from dist_seg.infer.metrics import to_jsonable
+from dist_seg.runtime import distributed as D
+from dist_seg.train.state import StepResult
+from dist_seg.train.tensorboard import TBLogger
+from dist_seg.viz import class_palette
+
+
+class Window:
+    """Sums between two progress lines. Loss and gradient norm stay on the device (0-dim tensors) until
+    Progress.log reads them, so a step does not wait for its own numbers."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = self.updates = 0
+        self.loss: torch.Tensor | float = 0.0
+        self.grad_norm: torch.Tensor | float = 0.0
+        self.wait = self.time = 0.0
+        self.scale, self.skipped_samples, self.remote_retries = 1.0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def add(
+        self, o: StepResult, wait: float, dt: float, skipped_samples: int, remote_retries: int = 0
+    ) -> None:
+        self.n += 1
+        if not o.skipped:
+            self.updates += 1
+            self.loss = self.loss + o.loss.detach().double()
+            self.grad_norm = self.grad_norm + o.grad_norm.detach().double()
+        self.wait += wait
+        self.time += dt
+        self.scale, self.skipped_samples = o.loss_scale, skipped_samples
+        self.remote_retries = remote_retries  # running totals, like skipped_samples
+
+
+class Progress:
+    """The training loop's progress reporting: owns its window of sums and the run's start for the ETA."""
+
+    def __init__(self, cfg: Config, world: D.World, tb: TBLogger, total_steps: int, step_at_start: int):
+        self.cfg, self.world, self.tb = cfg, world, tb
+        self.total_steps, self.step_at_start = total_steps, step_at_start
+        self.window = Window()
+        self.t_start = time.perf_counter()
+
+    def add(
+        self, o: StepResult, wait: float, dt: float, skipped_samples: int, remote_retries: int = 0
+    ) -> None:
+        self.window.add(o, wait, dt, skipped_samples, remote_retries)
+
+    def log(self, step: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """TensorBoard scalars and one progress line for the steps since the last call (a collective: every
+        rank calls it at the same steps)."""
+        cfg, world, tb, w = self.cfg, self.world, self.tb, self.window
+        total_steps = self.total_steps
+        # averages over the steps that updated the weights (the same steps on every rank: the skip is
+        # decided across ranks); NaN when every step of the window was skipped. One all-reduce, one read.
+        sums = torch.stack(
+            [
+                torch.as_tensor(w.loss, dtype=torch.float64, device=world.device),
+                torch.as_tensor(w.grad_norm, dtype=torch.float64, device=world.device),
+                torch.tensor(float(w.skipped_samples), dtype=torch.float64, device=world.device),
+                torch.tensor(float(w.remote_retries), dtype=torch.float64, device=world.device),
+            ]
+        )
+        loss_sum, grad_sum, skipped_sum, retries_sum = D.sum_across_ranks(sums)
+        n_ranks = world.world_size
+        loss = loss_sum / n_ranks / w.updates if w.updates else math.nan
+        grad_norm = grad_sum / n_ranks / w.updates if w.updates else math.nan  # equal on every rank
+        skipped, retries = int(round(skipped_sum)), int(round(retries_sum))
+        elapsed = time.perf_counter() - w.t0
+        ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * world.world_size / max(elapsed, 1e-9)
+        values = {
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
+            "train/loss_scale": w.scale,
+            "train/images_per_s": ips,
+            "train/data_wait_frac": w.wait / max(w.time, 1e-9),
+            "train/skipped_samples": skipped,
+            "train/remote_retries": retries,  # transient network faults retried, all ranks, since the start
+        }
+        for g in optimizer.param_groups:
+            values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
+        if world.device.type == "cuda":
+            values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
+        tb.scalars(values, step)
+        done = step - self.step_at_start
+        eta = (time.perf_counter() - self.t_start) / max(done, 1) * (total_steps - step)
+        lr = optimizer.param_groups[0]["lr"]
+        if world.is_main:
+            print(
+                f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
+                f"img/s {ips:.1f} data_wait {values['train/data_wait_frac']:.0%} eta {hms(eta)}"
+                + (f" remote_retries {retries}" if retries else ""),
+                flush=True,
+            )
+        w.reset()
+
+
+def hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def report_hparams(cfg: Config, tb: TBLogger, world_size: int, metrics: dict[str, Any]) -> None:
+    """Rank 0, at the end: the run's main settings with its final mIoU, for TensorBoard's hparams view."""
+    settings = {
+        "model": cfg.model.name,
+        "width_mult": cfg.model.width_mult,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "world_size": world_size,
+        "amp": cfg.train.amp,
+    }
+    tb.hparams(settings, {"hparam/miou": metrics["miou"]})
+
+
+def report_eval(
+    cfg: Config,
+    tb: TBLogger,
+    step: int,
+    metrics: dict[str, Any],
+    matrix: np.ndarray,
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    names: list[str],
+    num_classes: int,
+    primary: bool = True,
+) -> None:
+    """Rank 0: evaluation scalars, sample triplets and confusion matrix to TensorBoard, metrics.json, a line.
+
+    metrics["weights"] says which weights were evaluated: "model" scalars go under val/, "ema" (the weight
+    EMA) under val_ema/. Only the `primary` evaluation (the one best.pt and early stopping follow) writes the
+    images, the confusion matrix and metrics.json; every evaluation is a line of metrics_history.jsonl."""
+    weights = metrics.get("weights", "model")
+    tag = "val_ema" if weights == "ema" else "val"
+    tb.scalars(
+        {
+            f"{tag}/miou": metrics["miou"],
+            f"{tag}/pixel_acc": metrics["pixel_acc"],
+            f"{tag}/mean_acc": metrics["mean_acc"],
+            f"{tag}/image_miou": metrics["image_miou"],
+        },
+        step,
+    )
+    tb.scalars(
+        {f"{tag}/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
+    )
+    if kept and primary:
+        images = torch.stack([k[0].float() / 255 for k in same_size(kept)])  # uint8 as the loader gave it
+        tb.image_triplets(
+            images,
+            torch.stack([k[1] for k in same_size(kept)]),
+            torch.stack([k[2] for k in same_size(kept)]),
+            class_palette(num_classes),
+            step,
+        )
+    if primary:
+        tb.confusion(matrix, names, step)
+    tb.flush()
+    out = Path(cfg.train.out_dir)
+    if primary:
+        (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
+    with open(out / "metrics_history.jsonl", "a") as f:
+        f.write(
+            json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}}))
+            + "\n"
+        )
+    print(
+        f"eval step {step}{' (EMA weights)' if weights == 'ema' else ''}: mIoU {metrics['miou']:.4f} "
+        f"pixel acc {metrics['pixel_acc']:.4f} mean acc {metrics['mean_acc']:.4f}",
+        flush=True,
+    )
+
+
+def same_size(kept: list) -> list:
+    """Visualised images must stack: keep those with the first one's size."""
+    h, w = kept[0][1].shape
+    return [k for k in kept if k[1].shape == (h, w)]
+
+
+def trim_history(out_dir: Path, step: int) -> None:
+    """After a resume from `step`, drop metrics_history.jsonl entries the crashed run wrote after it, as
+    TensorBoard's purge_step does for the event files."""
+    path = Path(out_dir) / "metrics_history.jsonl"
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
