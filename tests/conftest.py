@@ -89,3 +89,14 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tiny_shards import build_tiny_datasets
 
     return build_tiny_datasets(tmp_path_factory.mktemp("tiny_shards"))
+
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ (real torchrun jobs, the demo script, stop signals, elastic restarts, fault
+    drills) is `slow`, so `launch/test.sh -m "not slow"` is the quick loop."""
+    for item in items:
+        if E2E in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.slow)
