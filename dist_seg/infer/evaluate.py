@@ -29,15 +29,15 @@ from dist_seg.data.format.remote import RemoteOptions
 from dist_seg.data.format.shards import dataset_classes
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.infer.metrics import to_jsonable
-from dist_seg.infer.predictor import (
+from dist_seg.infer.options import (
     add_inference_args,
     build_predictor,
     check_inference_args,
-    compute_confusion,
     inference_defaults,
     is_plain,
-    load_models,
 )
+from dist_seg.infer.predictor import load_models
+from dist_seg.infer.scoring import compute_confusion
 from dist_seg.models import input_constraints
 from dist_seg.runtime import distributed as D
 from dist_seg.runtime.precision import AMP_DTYPES

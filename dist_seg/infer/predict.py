@@ -39,15 +39,9 @@ from torch import Tensor, nn
 from dist_seg.config.loading import load_config
 from dist_seg.config.schema import Config
 from dist_seg.data.loading.colour import plain_colour, to_model_input
+from dist_seg.infer.options import add_inference_args, build_predictor, check_inference_args
 from dist_seg.infer.predict_inputs import Item, folder_items, grouped, list_folder, shard_items
-from dist_seg.infer.predictor import (
-    Predictor,
-    add_inference_args,
-    build_predictor,
-    check_inference_args,
-    load_models,
-    resize,
-)
+from dist_seg.infer.predictor import Predictor, load_models, resize
 from dist_seg.infer.submission import (
     DEFAULT_SIZE,
     OrderedSink,

@@ -1,102 +1,26 @@
-"""Inference shared by the trainer's evaluation, `dist-seg evaluate` and `dist-seg predict`.
-
-`compute_confusion` is the exact distributed evaluation. What it scores with is a model (the trainer, and a
-plain evaluate: argmax of the logits) or a `Predictor`: softmax probabilities averaged over several models
-(an ensemble), test-time flips and scales, and overlapping windows (`--mode slide`), optionally refined by
-DeepLab v1's dense CRF. A Predictor runs one model on one view (or window) at a time, so memory holds one
-model's activations however many models and views are averaged; every model's weights stay loaded.
+"""The Predictor: softmax probabilities averaged over several models (an ensemble), test-time flips and
+scales, and overlapping windows (`--mode slide`), optionally refined by DeepLab v1's dense CRF. It runs one
+model on one view (or window) at a time, so memory holds one model's activations however many models and
+views are averaged; every model's weights stay loaded. `load_models` reads an ensemble's checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_seg.checkpoint import WEIGHTS, LoadedCheckpoint, load_for_inference
+from dist_seg.checkpoint import LoadedCheckpoint, load_for_inference
 from dist_seg.config.schema import Config, DataConfig
 from dist_seg.data.loading.transforms import denormalize, padded_size
 from dist_seg.infer.crf import CRFParams, dense_crf
-from dist_seg.infer.metrics import ConfusionMatrix
-from dist_seg.models import input_constraints, unwrap
-from dist_seg.runtime import distributed as D
-from dist_seg.runtime.precision import AMP_DTYPES, autocast
-from dist_seg.runtime.preemption import StopRequest
+from dist_seg.models import input_constraints
+from dist_seg.runtime.precision import autocast
 
 
-class Scorer(Protocol):
-    """Per-pixel class scores of a batch of normalised images already on the device; argmax = prediction.
-    Inputs must be padded to a multiple of `divisor` and at least `min_size` (1 and 1: any size)."""
-
-    divisor: int
-    min_size: int
-
-    def __call__(self, images: Tensor) -> Tensor: ...
-
-
-class ModelScorer:
-    """A model's logits: what the trainer evaluates."""
-
-    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool = False):
-        self.model, self.amp_dtype, self.channels_last = model, amp_dtype, channels_last
-        self.divisor, self.min_size = input_constraints(model)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(images.device, self.amp_dtype):
-            return self.model(images)
-
-
-@torch.inference_mode()
-def compute_confusion(
-    model: nn.Module | Scorer,
-    loader: Any,
-    num_classes: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    keep: int = 0,
-    stop: StopRequest | None = None,
-) -> tuple[ConfusionMatrix, list[tuple[Tensor, Tensor, Tensor]]]:
-    """Exact distributed evaluation: a per-rank int64 confusion matrix, all-reduced once at the end.
-
-    `model` is an nn.Module (scored by its logits, with amp_dtype and channels_last) or a Scorer. Ranks may
-    see different numbers of batches, so nothing here communicates per batch. Each image is run at its own
-    padded size (images of equal padded size together), so a prediction never depends on which images share
-    its batch, and metrics do not depend on the batch size or the world size. `keep` returns the first images
-    of this rank as (image, target, prediction) for visualisation.
-    """
-    if isinstance(model, nn.Module):
-        unwrap(model).eval()
-        model = ModelScorer(unwrap(model), amp_dtype, channels_last)
-    cm = ConfusionMatrix(num_classes, device=device)  # pixels labelled IGNORE_INDEX count nowhere
-    kept: list[tuple[Tensor, Tensor, Tensor]] = []
-    for batch in loader:
-        if stop is not None and stop.requested:
-            break  # the caller checks, across ranks, whether the result is whole
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (h, w) in enumerate(batch.sizes):
-            groups.setdefault(padded_size(h, w, model.divisor, model.min_size), []).append(i)
-        for (ph, pw), idx in groups.items():
-            images = batch.model_input(idx, ph, pw, device)
-            masks = batch.masks[idx, :ph, :pw].to(device, non_blocking=True).long()  # beyond an image: 255
-            pred = model(images).argmax(1)
-            cm.update(pred, masks)
-            for j, i in enumerate(idx):
-                if len(kept) < keep:
-                    h, w = batch.sizes[i]
-                    kept.append((batch.images[i, :, :h, :w], batch.masks[i, :h, :w], pred[j, :h, :w].cpu()))
-    cm.reduce_(D.all_reduce_sum_)
-    return cm, kept
-
-
-# ---------------------------------------------------------------------------------------------- Predictor
 @dataclass(frozen=True)
 class SlideWindow:
     """`--mode slide`: square windows of `window` pixels every `stride` pixels; the last window of a row or
@@ -211,70 +135,6 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-# ---------------------------------------------------------------------------------------------- command line
-def add_inference_args(p: argparse.ArgumentParser) -> None:
-    """The options evaluate and predict share: checkpoints (an ensemble), weights, TTA, slide, CRF."""
-    p.add_argument(
-        "--checkpoint",
-        action="append",
-        help="checkpoint file (e.g. RUN_DIR/best.pt); repeat it for an ensemble (probabilities averaged)",
-    )
-    p.add_argument(
-        "--weights", default="auto", choices=WEIGHTS, help="auto (the EMA when saved) | ema | model"
-    )
-    p.add_argument("--tta", default="none", help="none | flip | scales | flip,scales (default none)")
-    p.add_argument("--scales", type=_floats, help="TTA scale factors (default 0.75,1,1.25)")
-    p.add_argument("--mode", default="whole", choices=("whole", "slide"), help="whole images or windows")
-    p.add_argument("--window", type=int, help="--mode slide: window side in pixels (e.g. the training crop)")
-    p.add_argument("--stride", type=int, help="--mode slide: window step in pixels (default window*2/3)")
-    p.add_argument("--crf", action="store_true", help="refine probabilities by the dense CRF (config crf.*)")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def parse_tta(tta: str, scales: Sequence[float] | None) -> tuple[bool, tuple[float, ...]]:
-    """`none`, `flip`, `scales` or `flip,scales` (+ --scales) -> (flip, scale factors)."""
-    parts = {p.strip() for p in tta.split(",") if p.strip()}
-    unknown = parts - {"none", "flip", "scales"}
-    if unknown or not parts or ("none" in parts and len(parts) > 1):
-        raise ValueError(f"--tta {tta!r}: expected none, flip, scales or flip,scales")
-    if scales is not None and "scales" not in parts:
-        raise ValueError(f"--scales {list(scales)} needs --tta scales (or flip,scales)")
-    return "flip" in parts, tuple(scales or (0.75, 1.0, 1.25)) if "scales" in parts else (1.0,)
-
-
-def parse_slide(mode: str, window: int | None, stride: int | None) -> SlideWindow | None:
-    if mode == "whole":
-        if window is not None or stride is not None:
-            raise ValueError("--window and --stride need --mode slide")
-        return None
-    if window is None:
-        raise ValueError("--mode slide needs --window PX (e.g. the training crop, data.crop_size)")
-    return SlideWindow(window, stride if stride is not None else max(1, window * 2 // 3))
-
-
-def inference_defaults(**values: Any) -> argparse.Namespace:
-    """The shared options' defaults (a plain single-model evaluation), with `values` set."""
-    p = argparse.ArgumentParser()
-    add_inference_args(p)
-    return argparse.Namespace(**{**vars(p.parse_args([])), **values})
-
-
-def check_inference_args(args: argparse.Namespace) -> None:
-    """The option errors, raised before any process group starts."""
-    if not args.checkpoint:
-        raise ValueError("--checkpoint is required (repeat it for an ensemble)")
-    if len(set(args.checkpoint)) != len(args.checkpoint):
-        raise ValueError(f"--checkpoint names a file twice: {args.checkpoint}")
-    parse_tta(args.tta, args.scales)
-    parse_slide(args.mode, args.window, args.stride)
-
-
 def load_models(
     cfg: Config, checkpoints: Sequence[str], device: torch.device, num_classes: int | None, weights: str
 ) -> tuple[list[nn.Module], list[LoadedCheckpoint]]:
@@ -298,18 +158,3 @@ def load_models(
                 f"{first.class_names}: members must predict the same classes"
             )
     return [m for m, _ in loaded], [ck for _, ck in loaded]
-
-
-def build_predictor(
-    cfg: Config, args: argparse.Namespace, models: list[nn.Module], device: torch.device
-) -> Predictor:
-    flip, scales = parse_tta(args.tta, args.scales)
-    crf = CRFParams(**vars(cfg.crf)) if args.crf else None
-    slide = parse_slide(args.mode, args.window, args.stride)
-    amp = AMP_DTYPES[cfg.train.amp]
-    return Predictor(models, device, amp, cfg.train.channels_last, flip, scales, slide, crf, cfg.data)
-
-
-def is_plain(args: argparse.Namespace) -> bool:
-    """One checkpoint, no TTA, whole images, no CRF: evaluate scores exactly as the trainer does."""
-    return len(args.checkpoint) == 1 and args.tta == "none" and args.mode == "whole" and not args.crf

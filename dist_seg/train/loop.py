@@ -29,7 +29,7 @@ from dist_seg.data.format.shards import ShardSet, dataset_classes
 from dist_seg.data.loading.colour import Prefetcher
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.data.loading.train_loader import TRAIN_TENSORS, TrainLoader, build_train_loader
-from dist_seg.infer.predictor import compute_confusion
+from dist_seg.infer.scoring import compute_confusion
 from dist_seg.models import build_model, input_constraints, pretrained_summary, unwrap
 from dist_seg.runtime import distributed as D
 from dist_seg.runtime import fault_injection as faults

@@ -22,7 +22,7 @@ from launch_utils import REPO, free_port, torchrun
 from dist_seg.checkpoint import load_checkpoint
 from dist_seg.config.schema import DataConfig, ModelConfig
 from dist_seg.data.loading.eval_loader import build_eval_loader
-from dist_seg.infer.predictor import compute_confusion
+from dist_seg.infer.scoring import compute_confusion
 from dist_seg.models import build_model, input_constraints
 from dist_seg.runtime.preemption import MARKER, PREEMPTED_EXIT_CODE, StopRequest
 

@@ -16,14 +16,8 @@ from torch import nn
 from dist_seg.checkpoint import save_checkpoint
 from dist_seg.config.loading import load_config
 from dist_seg.config.schema import to_dict
-from dist_seg.infer.predictor import (
-    Predictor,
-    SlideWindow,
-    check_inference_args,
-    inference_defaults,
-    load_models,
-    parse_tta,
-)
+from dist_seg.infer.options import check_inference_args, inference_defaults, parse_tta
+from dist_seg.infer.predictor import Predictor, SlideWindow, load_models
 from dist_seg.models import build_model
 
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ from conftest import shared_dataset
 from dist_seg.config.schema import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.data.prep.convert import ConvertOptions, convert
-from dist_seg.infer.predictor import compute_confusion
+from dist_seg.infer.scoring import compute_confusion
 from dist_seg.models import build_model, input_constraints
 from dist_seg.train.loop import StepContext, StepOutput, train_step
 from dist_seg.train.losses import build_loss

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dist_seg.config.loading import load_config
 from dist_seg.infer.evaluate import evaluate_checkpoint
+from dist_seg.infer.options import inference_defaults
 from dist_seg.infer.predict import PredictOptions, run_predict
-from dist_seg.infer.predictor import inference_defaults
 from dist_seg.runtime import distributed as D
 
 REPO = Path(__file__).resolve().parents[2]
