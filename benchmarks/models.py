@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_seg.config.schema import ModelConfig
-from dist_seg.models import MODEL_NAMES, VGG_MODELS, build_model, padded_side
+from dist_seg.data.loading.transforms import padded_size
+from dist_seg.models import MODEL_NAMES, VGG_MODELS, build_model, input_constraints
 
 DECONVNET_EXPECTED_GMAC = 192.0
 NUM_CLASSES = 21
@@ -32,9 +33,9 @@ def throughput(name: str, width: float, size: int, batch: int, iters: int, devic
     """Training images/s: forward, cross-entropy, backward, SGD step, after one warm-up iteration."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, width_mult=width), NUM_CLASSES).to(device).train()
-    side = padded_side(size, model)
-    x = torch.randn(batch, 3, side, side, device=device)
-    y = torch.randint(0, NUM_CLASSES, (batch, side, side), device=device)
+    h, w = padded_size(size, size, *input_constraints(model))
+    x = torch.randn(batch, 3, h, w, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch, h, w), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 

@@ -86,7 +86,8 @@ class ModelConfig:
     num_classes: int | None = None
     """Number of classes including background; null takes it from the training manifest."""
     pretrained: str | None = None
-    """Path to a torchvision-format vgg16_bn state dict, `torchvision` to download it, or null."""
+    """Path to torchvision's ImageNet weights of the model's encoder (vgg16_bn for deconvnet, deeplab_v1 and
+    fcn8s; resnet50 or mobilenet_v3_large for the torchvision models), `torchvision` to download them, or null."""
 
 
 @dataclass

@@ -1,33 +1,36 @@
-"""Model registry: `build_model(cfg.model, num_classes)` and `input_constraints(model)`.
+"""Models: `build_model(cfg.model, num_classes)`, `input_constraints(model)` and the registry's names.
 
-Every model's forward takes [N, 3, H, W] floats and returns logits [N, num_classes, H, W] at the input size.
-Models carry `size_divisor` and `min_size`: the H/W multiple and minimum they need; evaluation and prediction
-pad inputs to satisfy them. Parameter names: VGG-based models keep their VGG16-BN convs under `encoder.*`
-(fc6/fc7 are `fc6.*`/`fc7.*`), the rest under `decoder.*` and `classifier.*`; torchvision models keep
-`backbone.*` and `classifier.*`.
+Every model is a dist_seg.models.base.SegmentationModel registered with dist_seg.models.registry.register in
+its own module: forward takes [N, 3, H, W] floats and returns logits [N, num_classes, H, W] at the input size;
+the class declares size_divisor and min_size (evaluation and prediction pad inputs to meet them), the
+top-level modules holding its parameters (VGG-based models: `encoder.*` with the VGG16-BN convs, `fc6.*`,
+`fc7.*`, `decoder.*`, `classifier.*`; torchvision models: `backbone.*`, `classifier.*`) and how it loads
+pretrained weights. Importing this package imports every module in it, so each model registers itself.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 
 from torch import nn
 
 from dist_seg.config.schema import ModelConfig
-from dist_seg.models.deconvnet import DeconvNet
-from dist_seg.models.deeplab import DeepLabV1LargeFOV
-from dist_seg.models.fcn import FCN8s
-from dist_seg.models.tv import TORCHVISION_MODELS, build_torchvision
-from dist_seg.models.vgg import format_load_report, load_pretrained_vgg
+from dist_seg.models.base import check_parameter_names, constraint
+from dist_seg.models.registry import model_class, model_names, registered
+from dist_seg.models.vgg import VGGSegmenter, format_load_report, load_pretrained_vgg
 
 logger = logging.getLogger(__name__)
 
+# Every module of the package, so that a new model file needs no import list edited here to register.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+MODEL_NAMES: tuple[str, ...] = model_names()
 VGG_MODELS: dict[str, type[nn.Module]] = {
-    "deconvnet": DeconvNet,
-    "deeplab_v1": DeepLabV1LargeFOV,
-    "fcn8s": FCN8s,
-}
-MODEL_NAMES: tuple[str, ...] = tuple(VGG_MODELS) + TORCHVISION_MODELS
+    name: cls for name, cls in registered().items() if issubclass(cls, VGGSegmenter)
+}  # the models on the VGG16-BN encoder: their width scales with model.width_mult
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -35,14 +38,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     loaded when set (the load report is logged and kept as `model.pretrained_report`)."""
     if num_classes < 2:
         raise ValueError(f"model.num_classes={num_classes}: need at least 2 classes (background + one)")
-    if cfg.name in VGG_MODELS:
-        model = VGG_MODELS[cfg.name](num_classes, width_mult=cfg.width_mult)
-        if cfg.pretrained is not None:
-            model.pretrained_report = load_pretrained_vgg(model, cfg.pretrained)
-        return model
-    if cfg.name in TORCHVISION_MODELS:
-        return build_torchvision(cfg.name, num_classes, cfg.width_mult, cfg.pretrained)
-    raise ValueError(f"model.name={cfg.name!r}: expected one of {', '.join(MODEL_NAMES)}")
+    cls = model_class(cfg.name)
+    model = cls(num_classes, width_mult=cfg.width_mult)
+    check_parameter_names(model)  # cheap, and optimizer groups are written against these names
+    if cfg.pretrained is not None:
+        model.pretrained_report = model.load_pretrained(cfg.pretrained)
+    return model
 
 
 def pretrained_summary(model: nn.Module, source: str) -> str | None:
@@ -61,25 +62,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def input_constraints(model: nn.Module) -> tuple[int, int]:
-    """(size_divisor, min_size): H and W must be multiples of size_divisor and at least min_size."""
+    """(size_divisor, min_size) of a (possibly wrapped) model: H and W must be multiples of size_divisor and
+    at least min_size; pad with dist_seg.data.loading.transforms.padded_size. A model that does not declare
+    them is a ContractError (no default: a divisor silently taken as 1 fails on an awkward image size)."""
     inner = unwrap(model)
-    return int(getattr(inner, "size_divisor", 1)), int(getattr(inner, "min_size", 1))
-
-
-def padded_side(size: int, model: nn.Module) -> int:
-    """The smallest square side >= `size` that satisfies the model's input constraints (one int; the
-    loaders' per-image (h, w) rounding is dist_seg.data.loading.transforms.padded_size)."""
-    divisor, min_size = input_constraints(model)
-    size = max(size, min_size)
-    return -(-size // divisor) * divisor
+    return constraint(inner, "size_divisor"), constraint(inner, "min_size")
 
 
 __all__ = [
     "MODEL_NAMES",
+    "VGG_MODELS",
     "build_model",
     "input_constraints",
-    "padded_side",
+    "load_pretrained_vgg",
     "pretrained_summary",
     "unwrap",
-    "load_pretrained_vgg",
 ]

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dist_seg.models.vgg import EncoderOutput, VGG16BNEncoder, conv_bn_relu, scaled
+from dist_seg.models.registry import register
+from dist_seg.models.vgg import EncoderOutput, VGG16BNEncoder, VGGSegmenter, conv_bn_relu, scaled
 
 
 def deconv_bn_relu(cin: int, cout: int, kernel: int, padding: int = 0) -> nn.Sequential:
@@ -63,9 +64,11 @@ class DeconvDecoder(nn.Module):
         return x
 
 
-class DeconvNet(nn.Module):
+@register("deconvnet")
+class DeconvNet(VGGSegmenter):
     size_divisor = 32
     min_size = 224
+    param_groups = ("encoder", "fc6", "fc7", "decoder", "classifier")
     # torchvision vgg16_bn classifier.0 (fc6, 4096x25088) and classifier.3 (fc7) reshape into these convs
     pretrained_fc = {"classifier.0": "fc6.0", "classifier.3": "fc7.0"}
     pretrained_notes = (
@@ -83,12 +86,7 @@ class DeconvNet(nn.Module):
         self.classifier = nn.Conv2d(self.decoder.out_channels, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        if h % self.size_divisor or w % self.size_divisor or min(h, w) < self.min_size:
-            raise ValueError(
-                f"DeconvNet input {h}x{w}: H and W must be multiples of {self.size_divisor} and >= "
-                f"{self.min_size} (fc6 is an unpadded 7x7 conv on the 1/32 feature map)"
-            )
+        self.check_input(x, "fc6 is an unpadded 7x7 conv on the 1/32 feature map")
         enc = self.encoder(x)
         x = self.fc7(self.fc6(enc.feats[-1]))
         return self.classifier(self.decoder(x, enc))

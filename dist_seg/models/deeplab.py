@@ -15,13 +15,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_seg.models.vgg import VGG16BNEncoder, conv_bn_relu, scaled
+from dist_seg.models.registry import register
+from dist_seg.models.vgg import VGG16BNEncoder, VGGSegmenter, conv_bn_relu, scaled
 
 
-class DeepLabV1LargeFOV(nn.Module):
+@register("deeplab_v1")
+class DeepLabV1LargeFOV(VGGSegmenter):
     # output stride 8; fc6's padding keeps any size valid, the multiple of 8 keeps the upsampling aligned
     size_divisor = 8
     min_size = 8
+    param_groups = ("encoder", "fc6", "fc7", "classifier")
     pretrained_fc: dict[str, str] = {}
     pretrained_notes = (
         "DeepLab v1 LargeFOV's fc6 is a 3x3 conv with dilation 12 and 1024 channels: it cannot take VGG's "

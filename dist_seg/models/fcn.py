@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dist_seg.models.vgg import VGG16BNEncoder, conv_bn_relu, scaled
+from dist_seg.models.registry import register
+from dist_seg.models.vgg import VGG16BNEncoder, VGGSegmenter, conv_bn_relu, scaled
 
 
 def bilinear_upsampler(channels: int, factor: int) -> nn.ConvTranspose2d:
@@ -45,9 +46,11 @@ class FCNDecoder(nn.Module):
         return self.upscore8(x)
 
 
-class FCN8s(nn.Module):
+@register("fcn8s")
+class FCN8s(VGGSegmenter):
     size_divisor = 32
     min_size = 32
+    param_groups = ("encoder", "fc6", "fc7", "decoder", "classifier")
     pretrained_fc = {"classifier.0": "fc6.0", "classifier.3": "fc7.0"}
     pretrained_notes = (
         "fc6/fc7 conv weights and biases come from the VGG classifier; their BatchNorms, the score layers "
@@ -68,9 +71,7 @@ class FCN8s(nn.Module):
         self.decoder = FCNDecoder(num_classes, pool3_channels=stage[2], pool4_channels=stage[3])
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        if h % self.size_divisor or w % self.size_divisor:
-            raise ValueError(f"FCN-8s input {h}x{w}: H and W must be multiples of {self.size_divisor}")
+        self.check_input(x, "the pool3, pool4 and fc7 scores are added at 1/8, 1/16 and 1/32")
         feats = self.encoder(x).feats
         score_fr = self.classifier(self.fc7(self.fc6(feats[4])))
         return self.decoder(score_fr, pool3=feats[2], pool4=feats[3])

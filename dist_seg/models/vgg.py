@@ -4,6 +4,7 @@ The encoder keeps torchvision's layout (`features.N` with conv, BN, ReLU triples
 indices), so a torchvision `vgg16_bn` state dict maps onto `encoder.features.N.*` one to one. The
 classifier's fully connected fc6/fc7 only fit models that rebuild them as convolutions; each model says
 which file keys feed which of its modules in `pretrained_fc` (file prefix -> model prefix).
+`VGGSegmenter` is the base of the models on this encoder: their pretrained weights are torchvision's vgg16_bn.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from dist_seg.models.base import SegmentationModel
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,16 @@ class VGG16BNEncoder(nn.Module):
         return EncoderOutput(feats, indices, sizes)
 
 
+class VGGSegmenter(SegmentationModel):
+    """A model on the VGG16-BN encoder (`self.encoder`): model.pretrained is torchvision's vgg16_bn, loaded by
+    load_pretrained_vgg into the encoder and, per `pretrained_fc`, into the model's fc6/fc7 convs."""
+
+    encoder: VGG16BNEncoder
+
+    def load_pretrained(self, source: str) -> dict[str, Any]:
+        return load_pretrained_vgg(self, source)
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A state dict of tensors from `path`, loaded with weights_only=True (no unpickling of code)."""
     path = Path(path)
@@ -174,7 +187,7 @@ def copy_mapped(
     }
 
 
-def load_pretrained_vgg(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_pretrained_vgg(model: VGGSegmenter, path: str | Path) -> dict[str, Any]:
     """Load a torchvision-format vgg16_bn state dict (a file, or `torchvision` to download it) into `model`.
 
     Maps `features.N.*` -> `encoder.features.N.*` and, where the model declares it in `pretrained_fc`,
@@ -182,7 +195,7 @@ def load_pretrained_vgg(model: nn.Module, path: str | Path) -> dict[str, Any]:
     Returns {loaded, missing, unexpected, notes}: model keys loaded, model keys left at their
     initialisation, file keys not used, and what could not be mapped and why.
     """
-    if not isinstance(getattr(model, "encoder", None), VGG16BNEncoder):
+    if not isinstance(model, VGGSegmenter) or not isinstance(model.encoder, VGG16BNEncoder):
         raise ValueError(f"model.pretrained: {type(model).__name__} has no VGG16-BN encoder to load into")
     if str(path) == "torchvision":
         from torchvision.models import VGG16_BN_Weights
@@ -199,11 +212,11 @@ def load_pretrained_vgg(model: nn.Module, path: str | Path) -> dict[str, Any]:
         if key.endswith("num_batches_tracked") and key not in state:
             continue
         plan[f"encoder.{key}"] = key
-    for src_prefix, dst_prefix in getattr(model, "pretrained_fc", {}).items():
+    for src_prefix, dst_prefix in model.pretrained_fc.items():
         for p in ("weight", "bias"):
             plan[f"{dst_prefix}.{p}"] = f"{src_prefix}.{p}"
     report: dict[str, Any] = copy_mapped(model, state, plan, source)
-    report["notes"] = list(getattr(model, "pretrained_notes", ()))
+    report["notes"] = list(model.pretrained_notes)
     logger.info(format_load_report(report, source))
     return report
 

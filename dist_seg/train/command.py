@@ -6,13 +6,16 @@
         --nproc_per_node=8 -m dist_seg.train --config configs/deconvnet_vgg16bn.yaml
     python -m dist_seg.train --config configs/cpu_small.yaml        # one process, no torchrun
 
-Overrides are dotted `key=value` pairs (see README "Config reference"); the config is validated before any
-process group starts, so a typo fails at once on every rank instead of after the rendezvous.
+Overrides are dotted `key=value` pairs (see README "Config reference"). The config, then every name and path
+in it (dist_seg.train.preflight), is checked before any process group starts: a typo fails at once, as one
+`dist_seg.train: error: KEY=VALUE: ...` line per node and exit code 2, instead of a traceback per rank after
+the rendezvous.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -27,6 +30,9 @@ from dist_seg.runtime.preemption import (
     parse_signals,
     write_marker,
 )
+from dist_seg.train.preflight import find_problems
+
+USAGE_EXIT_CODE = 2  # argparse's, for every user error found before the run starts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors(messages: list[str]) -> int:
+    """Print `dist_seg.train: error: MESSAGE` lines once per node and return the exit code. torchrun starts
+    every local rank with the same arguments, so each finds the same errors; local rank 0 speaks for its node
+    and the others exit silently. (Read from torchrun's environment directly: there is no process group yet.)"""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for message in messages:
+            print(f"dist_seg.train: error: {message}", file=sys.stderr)
+    return USAGE_EXIT_CODE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:
-        print(f"dist_seg.train: error: {e}", file=sys.stderr)
-        return 2
+        return user_errors([str(e)])
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if problems := find_problems(cfg):
+        return user_errors([str(p) for p in problems])
     if faults.active():
         warnings.warn(f"fault injection is ON: {', '.join(faults.active())}", stacklevel=1)
     world = D.init_distributed(cfg.train.device, cfg.train.timeout_s)

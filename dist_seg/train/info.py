@@ -20,7 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_seg.config.loading import load_config
 from dist_seg.config.schema import Config
 from dist_seg.data.format.manifest import manifest_dir, read_manifest
-from dist_seg.models import build_model, padded_side
+from dist_seg.data.loading.transforms import padded_size
+from dist_seg.models import build_model, input_constraints
+from dist_seg.models.registry import model_class
 from dist_seg.train.optim import ParamGroupSummary, build_optimizer, format_groups
 
 
@@ -43,13 +45,14 @@ def resolve_num_classes(cfg: Config) -> int:
 
 def describe(cfg: Config) -> dict[str, Any]:
     """The facts `info` prints, as a json-ready dict."""
+    model_class(cfg.model.name)  # an unknown name is the error to report, before any manifest is read
     num_classes = resolve_num_classes(cfg)
     model_cfg = dataclasses.replace(cfg.model, pretrained=None)
     with torch.device("meta"):
         model = build_model(model_cfg, num_classes)
     model.eval()  # BN statistics of a single image would be undefined on DeconvNet's 1x1 fc maps
-    size = padded_side(cfg.data.crop_size, model)
-    x = torch.empty(1, 3, size, size, device="meta")
+    h, w = padded_size(cfg.data.crop_size, cfg.data.crop_size, *input_constraints(model))
+    x = torch.empty(1, 3, h, w, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     flops = int(counter.get_total_flops())
@@ -61,7 +64,7 @@ def describe(cfg: Config) -> dict[str, Any]:
         "num_classes": num_classes,
         "params": sum(p.numel() for p in params),
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-        "input_size": [1, 3, size, size],
+        "input_size": [1, 3, h, w],
         "flops": flops,
         "macs": flops // 2,
         "optimizer": cfg.optim.name,
