@@ -35,6 +35,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def local_rank() -> int:
+    """This process's rank on its node from torchrun's environment (0 in a plain process); readable before
+    any process group starts, e.g. so that one process per node reports a config error."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
@@ -56,14 +62,13 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> W
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_ADDR" not in os.environ:
         return World(0, 0, 1, _pick_device(device_preference, 0), None)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _pick_device(device_preference, local_rank)
+    device = _pick_device(device_preference, local_rank())
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     store = dist.PrefixStore(f"attempt_{restart_count()}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    return World(rank, local_rank, world, device, backend)
+    return World(rank, local_rank(), world, device, backend)
 
 
 def cleanup() -> None:

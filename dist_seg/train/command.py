@@ -15,7 +15,6 @@ the rendezvous.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
@@ -48,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors(messages: list[str]) -> int:
     """Print `dist_seg.train: error: MESSAGE` lines once per node and return the exit code. torchrun starts
     every local rank with the same arguments, so each finds the same errors; local rank 0 speaks for its node
-    and the others exit silently. (Read from torchrun's environment directly: there is no process group yet.)"""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    and the others exit silently (there is no process group yet to agree through)."""
+    if D.local_rank() == 0:
         for message in messages:
             print(f"dist_seg.train: error: {message}", file=sys.stderr)
     return USAGE_EXIT_CODE
