@@ -36,8 +36,9 @@ from dist_seg.checkpoint import load_for_inference
 from dist_seg.config.loading import load_config
 from dist_seg.data.format.remote import RemoteOptions
 from dist_seg.data.format.shards import dataset_classes
+from dist_seg.data.loading.colour import denormalize
 from dist_seg.data.loading.eval_loader import build_eval_loader
-from dist_seg.data.loading.transforms import denormalize, padded_size
+from dist_seg.data.loading.transforms import padded_size
 from dist_seg.infer.crf import CRFParams, dense_crf
 from dist_seg.infer.metrics import ConfusionMatrix, to_jsonable
 from dist_seg.models import input_constraints

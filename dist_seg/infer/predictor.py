@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from dist_seg.checkpoint import LoadedCheckpoint, load_for_inference
 from dist_seg.config.schema import Config, DataConfig
-from dist_seg.data.loading.transforms import denormalize, padded_size
+from dist_seg.data.loading.colour import denormalize
+from dist_seg.data.loading.transforms import padded_size
 from dist_seg.infer.crf import CRFParams, dense_crf
 from dist_seg.models import input_constraints
 from dist_seg.runtime.precision import autocast

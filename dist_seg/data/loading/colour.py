@@ -1,26 +1,34 @@
-"""The input pipeline's device half: uint8 batches become normalised float images on the accelerator, and the
-next batch is copied there while the current step runs.
+"""The colour step: uint8 images become normalised float32 model input, on whatever device they are on.
 
-Loader workers do the geometry (decode, scale, crop, flip, pad: image and mask must move together) and hand
-over uint8 images, uint8 label maps and, per training sample, the 3x3 colour matrix, bias and clip range of its
-colour jitter and normalisation (drawn from the sample's own seed, so runs stay reproducible and a resume
-exact; see transforms.colour_matrix). `to_model_input` applies them in one batched matrix product on the
-device: a quarter of the bytes cross PCIe, and the per-pixel float work (~2 ms of a loader core per 512x512
-sample) runs where it costs microseconds. Padding (beyond each sample's content size) becomes 0, the mean
-colour after normalisation, as before. It runs outside autocast: float32 whatever train.amp says.
+It is the one normalisation path of the package: training batches (`TrainBatch.model_input`), evaluation
+batches (`EvalBatch.model_input`), `dist-seg predict` and `dist-seg export`'s check image all go through
+`to_model_input`, so every consumer rounds the input the same way.
+
+Each sample carries *colour rows* [COLOUR_ROWS, 3]: a 3x3 matrix A and a bias (normalised units) with
+model input = rgb255 @ A + bias, clipped to the 0..1 colour range in normalised units (`colour_range`) when
+colour jitter is on. `plain_colour` is normalisation only, (x / 255 - mean) / std; `jitter_colour` folds a
+sample's brightness, contrast and saturation factors into the same rows, since all three are linear in the
+pixel. Which factors a sample gets, and when they are drawn, is augmentation: dist_seg.data.loading.transforms.
+
+Why on the device: loader workers hand over uint8 (a quarter of float32's bytes cross PCIe) and the per-pixel
+float work (~2 ms of a loader core per 512x512 sample) runs where it costs microseconds. The step knows one
+thing about the geometry: each sample's content size (h, w), passed from the host, so it never reads anything
+back from the device. Everything beyond it (bottom/right padding) becomes 0.0, the mean colour after
+normalisation, whatever uint8 bytes were there. It runs outside autocast: float32 whatever train.amp says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from dist_seg.config.schema import DataConfig
+
 COLOUR_ROWS = 4  # per sample: A (3 rows of 3), then the bias (normalised units)
 Clip = tuple[Sequence[float], Sequence[float]]  # per-channel (low, high) of the 0..1 range, normalised
-
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 
 WHOLE_PLANE_FILL = 0.6  # CPU path: content fraction from which a sample's whole plane is computed (measured)
 
@@ -32,6 +40,34 @@ def plain_colour(mean: Sequence[float], std: Sequence[float]) -> Tensor:
         colour[j, j] = 1.0 / (255.0 * std[j])
         colour[3, j] = -mean[j] / std[j]
     return colour
+
+
+def jitter_colour(
+    pixel_mean: Sequence[float],
+    factors: tuple[float, float, float],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Tensor:
+    """[COLOUR_ROWS, 3]: A and bias such that rgb255 @ A + bias =
+    normalise(saturation(contrast(brightness(rgb / 255)))), with factors = (brightness, contrast, saturation).
+
+    Brightness b scales; contrast c blends with the mean grey level m; saturation s blends with each pixel's
+    grey value (torchvision's definitions). All three are linear in the pixel, so with the normalisation they
+    fold into one 3x3 matrix and one bias, applied in a single pass (clamping to 0..1 happens once, after, in
+    `to_model_input`). `pixel_mean` is the per-channel mean of the 0..255 pixels, which fixes m. Plain floats:
+    at this size Python arithmetic is faster than a dozen tiny tensor ops.
+    """
+    b, c, s = factors
+    m = b * sum(w * p for w, p in zip(LUMA, pixel_mean, strict=True)) / 255.0
+    a = [
+        [(s * c * b * (i == j) + (1.0 - s) * c * b * LUMA[i]) / (255.0 * std[j]) for j in range(3)]
+        for i in range(3)
+    ]
+    # the contrast's constant (1 - c) m through the saturation blend: s + (1 - s) x sum(LUMA), and the 601
+    # weights sum to 0.9999, not 1
+    grey = (1.0 - c) * m * (s + (1.0 - s) * sum(LUMA))
+    bias = [(grey - mean[j]) / std[j] for j in range(3)]
+    return torch.tensor([*a, bias])
 
 
 def colour_range(mean: Sequence[float], std: Sequence[float]) -> Clip:
@@ -115,45 +151,9 @@ def _colour(
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-class Prefetcher:
-    """Iterate batches already on `device`: on CUDA the next batch is copied on a side stream while the caller
-    computes on the current one (pinned host memory makes the copy asynchronous); elsewhere a plain
-    pass-through. `fields` names the tensor attributes of a batch to move."""
-
-    def __init__(self, batches: Iterator[Any], device: torch.device, fields: Sequence[str]):
-        self.batches, self.device, self.fields = batches, device, tuple(fields)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.next: Any = None
-        self._load()
-
-    def _load(self) -> None:
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            self.next = None
-            return
-        if self.stream is None:
-            self.next = batch
-            return
-        with torch.cuda.stream(self.stream):
-            for name in self.fields:
-                value = getattr(batch, name)
-                if isinstance(value, Tensor):
-                    setattr(batch, name, value.to(self.device, non_blocking=True))
-        self.next = batch
-
-    def __iter__(self) -> Prefetcher:
-        return self
-
-    def __next__(self) -> Any:
-        if self.next is None:
-            raise StopIteration
-        batch = self.next
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            for name in self.fields:  # the tensors are now used on the compute stream too
-                value = getattr(batch, name)
-                if isinstance(value, Tensor):
-                    value.record_stream(torch.cuda.current_stream(self.device))
-        self._load()
-        return batch
+def denormalize(images: Tensor, cfg: DataConfig) -> Tensor:
+    """Normalised float images [..., 3, H, W] -> float 0..1 (TensorBoard's add_images, the CRF's RGB): the
+    inverse of `plain_colour`, for looking at model input, never for producing it."""
+    mean = torch.tensor(cfg.mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0.0, 1.0)

@@ -2,8 +2,9 @@
 
 Shards in sorted order; rank r takes samples [r*N//W, (r+1)*N//W) and its workers split that range, so each
 sample is seen exactly once across ranks for any shard count and world size. Images keep their size (or
-data.eval_resize), padded bottom/right to the model's input constraints within a batch; masks are padded with
-255. Reading and decoding live in dist_seg.data.format.reader, the error policy too.
+data.eval_resize), padded bottom/right to the model's input constraints within a batch (transforms.pad_batch:
+image 0, label IGNORE_INDEX; the colour step zeroes the padding from EvalBatch.sizes). Reading and decoding
+live in dist_seg.data.format.reader, the error policy too.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dist_seg.data.loading.workers import make_dataloader, worker_slot
 
 @dataclass
 class EvalBatch:
-    images: Tensor  # uint8 [B, 3, H, W], padded bottom/right; device.to_model_input(..., sizes) normalises
+    images: Tensor  # uint8 [B, 3, H, W], padded bottom/right; colour.to_model_input(..., sizes) normalises
     masks: Tensor | None  # uint8 [B, H, W], padding 255; None for shards without label maps
     keys: list[str]
     sizes: list[tuple[int, int]]  # (h, w) of each image inside the padded batch: crop predictions to it
@@ -42,7 +43,7 @@ class EvalBatch:
     meta: list[dict[str, Any] | None]  # each sample's KEY.json (file_name, image_id, ...)
     skipped: int
     worker: int
-    colour: Tensor | None = None  # [1, COLOUR_ROWS, 3]: data.mean/std normalisation (device.plain_colour)
+    colour: Tensor | None = None  # [1, COLOUR_ROWS, 3]: data.mean/std normalisation (colour.plain_colour)
 
     def model_input(self, idx: list[int], height: int, width: int, device: torch.device) -> Tensor:
         """Images `idx`, cut to height x width, on `device`, normalised; 0 beyond each image's size."""

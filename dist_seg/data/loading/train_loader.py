@@ -14,7 +14,7 @@ Ranges cut shards at sample level, so any shard count works: with fewer shards t
 share shards (rank 0 warns). A reader walks the tar headers and seeks over samples outside its range.
 Inside a worker, its range is emitted in windows of data.shuffle_buffer consecutive samples, each window in an
 order drawn from (seed, epoch, segment, rank, worker, window), and each sample is augmented with an RNG drawn
-from (seed, epoch, sample id). So a pass can start at any batch (DataPosition) without reading the batches
+from (seed, epoch, sample id) (the draws and their order: dist_seg.data.loading.transforms). So a pass can start at any batch (DataPosition) without reading the batches
 before it, which is how a resume continues an epoch; a resume on another geometry continues the epoch in a
 new segment over the samples not used yet (dist_seg.data.loading.plan, dist_seg.train.resume). A run is reproducible for a
 given world size, batch size and data.num_workers.
@@ -22,11 +22,13 @@ given world size, batch size and data.num_workers.
 Errors (data.on_error). `raise`: ShardError naming the shard and the sample key. `skip`: the sample is dropped
 and counted, one warning per shard, and a ShardError once a rank has skipped more than data.max_errors. A
 truncated shard loses every sample of the reader's range past the damage. To keep the step count, a worker
-that lost samples re-decodes (with fresh augmentation) one of its last good samples in their place: the only
-case where an image can appear twice in an epoch. Counts travel with the batches (`TrainBatch.skipped`, per
+that lost samples re-decodes one of its last good samples in their place (with that sample's own
+augmentation, drawn from its id): the only case where an image can appear twice in an epoch. Counts travel with the batches (`TrainBatch.skipped`, per
 worker and epoch) and `TrainLoader.skipped` sums them for the rank.
 
-Evaluation loading is dist_seg.data.loading.eval_loader. Reading and decoding (only jpg/png/json members, never unpickling) live in `dist_seg.data.format.reader`.
+Evaluation loading is dist_seg.data.loading.eval_loader. Reading and decoding (only jpg/png/json members, never
+unpickling) live in dist_seg.data.format.reader; what happens to a decoded sample, in
+dist_seg.data.loading.transforms (the host) and dist_seg.data.loading.colour (the device).
 """
 
 from __future__ import annotations
@@ -90,22 +92,22 @@ _REFILL_RING = 16  # recent good samples a worker may re-use in place of skipped
 
 
 # ---------------------------------------------------------------------------------------------- training
-TRAIN_TENSORS = ("images", "masks", "colour")  # what device.Prefetcher moves of a TrainBatch (sizes stay)
+TRAIN_TENSORS = ("images", "masks", "colour")  # what prefetch.Prefetcher moves of a TrainBatch (sizes stay)
 
 
 @dataclass
 class TrainBatch:
-    """One loader batch, as uint8: the model's input is `device.to_model_input(images, colour, sizes)`."""
+    """One loader batch, as uint8: the model's input is `colour.to_model_input(images, colour, sizes)`."""
 
     images: Tensor  # uint8 [B, 3, crop, crop], planar (what the resize writes); beyond each sample's size: 0
     masks: Tensor  # uint8 [B, crop, crop], 255 = ignore
-    colour: Tensor  # float32 [B, COLOUR_ROWS, 3]: each sample's jitter + normalisation (device.py)
+    colour: Tensor  # float32 [B, COLOUR_ROWS, 3]: each sample's jitter + normalisation (colour.py)
     sizes: Tensor  # int32 [B, 2], on the host: each sample's content height and width (the rest is padding)
     keys: list[str]
     skipped: int  # samples this worker has skipped so far in this epoch
     worker: int
     retries: int = 0  # transient network faults this worker has retried so far in this pass
-    clip: Clip | None = None  # with colour jitter: the 0..1 range to clip to (device.colour_range)
+    clip: Clip | None = None  # with colour jitter: the 0..1 range to clip to (colour.colour_range)
 
     def model_input(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
         """(float32 normalised images, int64 masks) on the batch's device: call after moving it there."""

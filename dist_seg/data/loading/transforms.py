@@ -1,27 +1,70 @@
-"""Joint image/mask transforms on tensors: random scale + crop, flip, colour jitter, normalisation, padding.
+"""Augmentation and the host half of the input contract: what loader workers do to a decoded image and its
+label map, how padding is filled, and in which order the random draws happen. The one place to read before
+changing or adding an augmentation.
 
-Images arrive as uint8 [3, H, W] (what torchvision.io decodes to) and masks as uint8 [H, W] label maps
-(255 = ignore). Geometry runs on uint8, where torch's bilinear antialias kernel is about three times faster
-than on float; colour and normalisation then run once in float. Masks are always resized with
-`nearest-exact`, which samples the pixel whose centre is nearest, the same half-pixel convention as the
-image's bilinear kernel, so labels stay on the pixels they describe.
+Pipeline. A worker decodes a sample (dist_seg.data.format.reader) to uint8 image [3, H, W] and uint8 label
+map [H, W] (IGNORE_INDEX = 255 = no label), then:
 
-Training: scale by s ~ U(scale_min, scale_max), crop crop_size x crop_size at a random place, pad what is
-missing at the bottom/right (image 0 after normalisation, i.e. the mean colour; mask 255), flip, then colour
-jitter (brightness, contrast, saturation ~ U(1 - j, 1 + j)) and normalisation. Rather than resizing the whole
-image and cropping, the crop window is mapped back to the original image and only that region is resized, so
-a 2x upscale of a large image costs one crop's worth of work. Jitter and normalisation are all linear in the
-pixel: the worker draws them and folds them into one 3x3 matrix and a bias (see `colour_matrix`), which
-dist_seg.data.loading.colour.to_model_input applies to the uint8 batch on the training device.
+    training   TrainTransform.apply: scale + crop (one resize of the crop's source region), flip, bottom/right
+               padding, written as uint8 into the sample's slot of a preallocated batch; the colour jitter is
+               drawn here too, but only as the sample's colour rows (colour.jitter_colour): nothing touches
+               the pixels' colour on the host
+    evaluation EvalTransform (shorter side to data.eval_resize, when set), then pad_batch to a size the model
+               accepts (padded_size, the one rounding of input sizes in the package)
 
-Evaluation and prediction hand over uint8 too (resized when data.eval_resize is set); their normalisation
-is the same device function with `device.plain_colour`.
+and dist_seg.data.loading.colour.to_model_input turns the uint8 batch into normalised float32 on the device
+(colour rows, clipping, padding zeroed). Geometry runs on uint8, where torch's bilinear antialias kernel is
+about three times faster than on float. Label maps are always resized with `nearest-exact`, which samples the
+pixel whose centre is nearest, the same half-pixel convention as the image's bilinear kernel, so labels stay
+on the pixels they describe. Scale and crop are one step: the crop window is mapped back to the original image
+and only that region is resized, so a 2x upscale of a large image costs one crop's worth of work.
+
+Fill and padding. On the host, padding is always at the bottom and right: a sample's content is the top-left
+(h, w) rectangle of its slot, and that size travels with the batch (TrainBatch.sizes, EvalBatch.sizes). Image
+padding is uint8 0, label padding IGNORE_INDEX (no loss, no metric). The colour step on the device knows a
+sample's geometry only through those host-side sizes: it applies the colour rows to the content rectangle and
+writes 0.0 beyond it, the mean colour after normalisation, so the uint8 0 of the padding never reaches the
+model as (0 - mean) / std. Anything inside the rectangle is content to it, jittered and normalised like the
+rest: a transform that creates empty area inside the image (rotation corners, affine or perspective borders)
+must fill the label map with IGNORE_INDEX and should fill the image with the mean colour
+(round(255 * data.mean)), which normalises to about 0, like the padding.
+
+Random draws. Each training sample is augmented with its own random.Random, seeded with
+plan.derive_seed(plan.TAG_AUG, train.seed, epoch, sample id), where the sample id is its global index (shards
+in sorted path order laid end to end). The draws therefore do not depend on rank, worker, batch position,
+world size or resume: a resumed or re-planned epoch gives every sample the augmentation it would have had,
+and a sample that stands in for a skipped one (data.on_error=skip) repeats its own augmentation. TrainTransform
+draws, in this order:
+
+    1. scale      rng.uniform(data.scale_min, data.scale_max)
+    2. crop top   rng.randint(0, H - source height)
+    3. crop left  rng.randint(0, W - source width)
+    4. flip       rng.random() < data.hflip_prob            (drawn even when hflip_prob is 0)
+    5. jitter     brightness, contrast, saturation factors, each rng.uniform(1 - j, 1 + j), j = data.color_jitter
+                  (drawn only when j > 0; the contrast's grey level is not drawn: it is the mean of every 4th
+                  row and column of the flipped content)
+
+A change that inserts, removes or reorders a draw changes every later draw, hence every run's batches; a new
+augmentation either appends its draws after the last one (runs that do not use it stay bitwise the same) or,
+better, takes its own stream: a new TAG_* in plan.py and its own derive_seed(TAG, seed, epoch, sample id).
+
+Adding an augmentation. A built-in one goes into TrainTransform.apply, on the uint8 crop before the padding
+is written, moving image and label map together (labels nearest-exact, never interpolated), with its draws
+placed as above and its config keys in DataConfig; a colour one adds to the colour rows if it is linear in
+the pixel (a 3x3 matrix and a bias), and otherwise needs the float pixels, i.e. a step in colour.py.
+User-supplied pipelines (the planned `data.augment`: torchvision.transforms.v2 or albumentations) plug in
+between decoding and TrainTransform.apply, in the loader worker's loop (train_loader._TrainStream.__iter__,
+where each decoded sample meets its rng), on the full sample's uint8 image [3, H, W] and label map [H, W],
+before the built-in scale and crop: in the workers they cost no device time and see whole images. They draw
+from the global torch / numpy / random generators, which the worker must seed around the call from their own
+stream (a new TAG with the sample id, as above), so that they are reproducible and resume-exact like the
+built-in draws and leave those unchanged. They must hand back uint8 again, keep the label map's values
+(classes or IGNORE_INDEX), and fill as described under fill and padding.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +72,7 @@ from torch import Tensor
 
 from dist_seg.config.schema import DataConfig
 from dist_seg.data import IGNORE_INDEX
-from dist_seg.data.loading.colour import colour_range, plain_colour, to_model_input
+from dist_seg.data.loading.colour import colour_range, jitter_colour, plain_colour, to_model_input
 
 
 def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
@@ -42,50 +85,14 @@ def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tu
     return image, mask
 
 
-def normalize(image: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 or 0..1 float [3, H, W] -> float32 normalised with per-channel mean/std (given on a 0..1 scale)."""
-    x = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-    return x.sub_(mean.view(3, 1, 1)).div_(std.view(3, 1, 1))
-
-
-LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
-
-
-def colour_matrix(
-    pixel_mean: Sequence[float],
-    factors: tuple[float, float, float],
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> tuple[Tensor, Tensor]:
-    """(A [3, 3], bias [3]) such that rgb255 @ A + bias = normalise(saturation(contrast(brightness(rgb/255)))).
-
-    Brightness b scales; contrast c blends with the mean grey level m; saturation s blends with each pixel's
-    grey value (torchvision's definitions). All three are linear in the pixel, so with the normalisation they
-    fold into one 3x3 matrix and one bias, applied in a single pass (clamping to 0..1 happens once, after).
-    `pixel_mean` is the per-channel mean of the 0..255 pixels, which fixes m. Plain floats: at this size
-    Python arithmetic is faster than a dozen tiny tensor ops.
-    """
-    b, c, s = factors
-    m = b * sum(w * p for w, p in zip(LUMA, pixel_mean, strict=True)) / 255.0
-    a = [
-        [(s * c * b * (i == j) + (1.0 - s) * c * b * LUMA[i]) / (255.0 * std[j]) for j in range(3)]
-        for i in range(3)
-    ]
-    # the contrast's constant (1 - c) m through the saturation blend: s + (1 - s) x sum(LUMA), and the 601
-    # weights sum to 0.9999, not 1
-    grey = (1.0 - c) * m * (s + (1.0 - s) * sum(LUMA))
-    bias = [(grey - mean[j]) / std[j] for j in range(3)]
-    return torch.tensor(a), torch.tensor(bias)
-
-
 class TrainTransform:
-    """(uint8 image [3, H, W], uint8 mask [H, W], rng) -> (float32 [3, crop, crop], uint8 [crop, crop]).
+    """The training augmentation (see the module docstring for the contract).
 
     `apply` is what loader workers run: the geometry only, written as uint8 straight into slots of a
     preallocated batch (which saves the padding and stacking copies), returning the sample's colour rows and
-    content size for the device step. Geometry works on the decoder's HWC uint8 layout (torch's fast uint8
-    resize path), whose output is planar, like the batch slots. `__call__` runs both halves
-    on the CPU (tests, tools).
+    content size for the colour step on the device. The resize writes planes, like the batch slots.
+    `__call__` runs both halves on the CPU (tests, tools): (uint8 image [3, H, W], uint8 mask [H, W], rng)
+    -> (float32 [3, crop, crop] normalised, uint8 [crop, crop]).
     """
 
     def __init__(self, cfg: DataConfig):
@@ -108,7 +115,7 @@ class TrainTransform:
     ) -> tuple[Tensor, tuple[int, int]]:
         """Augment one sample's geometry into out (uint8 [3, crop, crop], planar) and out_mask
         (uint8 [crop, crop]); return its colour rows [COLOUR_ROWS, 3] and content size (h, w) for
-        device.to_model_input. The random draws, in order: scale, crop place, flip, jitter factors."""
+        colour.to_model_input. The random draws, in order: scale, crop top, crop left, flip, jitter factors."""
         crop = self.crop
         h, w = image.shape[-2:]
         s = rng.uniform(*self.scale)
@@ -135,13 +142,12 @@ class TrainTransform:
         factors = tuple(rng.uniform(1.0 - self.jitter, 1.0 + self.jitter) for _ in range(3))
         # the contrast's mean grey level, from every 4th row and column: plenty for an augmentation
         sub_mean = image[:, ::4, ::4].float().mean((1, 2)).tolist()
-        a, bias = colour_matrix(sub_mean, factors, self.mean, self.std)  # type: ignore[arg-type]
-        return torch.cat((a, bias[None])), (out_h, out_w)
+        return jitter_colour(sub_mean, factors, self.mean, self.std), (out_h, out_w)  # type: ignore[arg-type]
 
 
 class EvalTransform:
     """(uint8 image, uint8 mask or None) -> (uint8 image, mask), resized (shorter side) with data.eval_resize;
-    normalisation happens on the device (`device.to_model_input` with `device.plain_colour`)."""
+    normalisation happens on the device (colour.to_model_input with colour.plain_colour)."""
 
     def __init__(self, cfg: DataConfig):
         self.resize = cfg.eval_resize
@@ -163,7 +169,8 @@ def eval_transform(cfg: DataConfig) -> EvalTransform:
 
 
 def padded_size(h: int, w: int, size_divisor: int, min_size: int) -> tuple[int, int]:
-    """Smallest (H, W) >= (h, w) and >= min_size that are multiples of size_divisor."""
+    """Smallest (H, W) >= (h, w) and >= min_size that are multiples of size_divisor: the one rounding of
+    input sizes in the package (eval batches, predict, export, `dist-seg info`)."""
 
     def up(v: int) -> int:
         v = max(v, min_size)
@@ -189,10 +196,3 @@ def pad_batch(
     for i, m in enumerate(masks):
         mout[i, : m.shape[-2], : m.shape[-1]] = m
     return out, mout
-
-
-def denormalize(images: Tensor, cfg: DataConfig) -> Tensor:
-    """Normalised float images [..., 3, H, W] -> float 0..1 (what TensorBoard's add_images expects)."""
-    mean = torch.tensor(cfg.mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * std + mean).clamp(0.0, 1.0)

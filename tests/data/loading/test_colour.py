@@ -5,14 +5,19 @@ padding; the eval normalisation; the prefetcher's pass-through on CPU."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
 from dist_seg.config.schema import DataConfig
-from dist_seg.data.loading.colour import Prefetcher, colour_range, plain_colour, to_model_input
+from dist_seg.data.loading.colour import (
+    colour_range,
+    denormalize,
+    jitter_colour,
+    plain_colour,
+    to_model_input,
+)
 from dist_seg.data.loading.transforms import TrainTransform
 
 
@@ -98,15 +103,28 @@ def test_eval_normalisation_is_plain_and_pads_with_zero() -> None:
     )
 
 
-@dataclass
-class _Batch:
-    images: torch.Tensor
-    keys: list[str]
+def test_denormalize_inverts_the_colour_step() -> None:
+    cfg = DataConfig()
+    image = torch.randint(0, 256, (1, 3, 17, 23), dtype=torch.uint8)
+    x = to_model_input(image, plain_colour(cfg.mean, cfg.std)[None])
+    assert torch.allclose(denormalize(x, cfg) * 255, image.float(), atol=1e-3)
 
 
-def test_the_prefetcher_passes_cpu_batches_through_in_order() -> None:
-    batches = [_Batch(torch.full((1,), i), [str(i)]) for i in range(4)]
-    got = list(Prefetcher(iter(batches), torch.device("cpu"), ("images",)))
-    assert [b.keys for b in got] == [["0"], ["1"], ["2"], ["3"]]
-    assert all(g is b for g, b in zip(got, batches, strict=True))
-    assert list(Prefetcher(iter([]), torch.device("cpu"), ("images",))) == []
+@pytest.mark.parametrize("factors", [(1.0, 1.0, 1.0), (1.2, 0.8, 1.1), (0.85, 1.15, 0.75)])
+def test_jitter_colour_equals_torchvision_jitter_then_normalise(factors: tuple[float, float, float]) -> None:
+    cfg = DataConfig()
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    g = torch.Generator().manual_seed(0)
+    # mid-range pixels, so that no step clips and torchvision's per-step clamping changes nothing
+    image = torch.randint(90, 160, (3, 20, 30), dtype=torch.uint8, generator=g)
+    b, c, s = factors
+    x = image.float() / 255
+    expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s)
+    expected = (expected - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    pixels = image.permute(1, 2, 0).reshape(-1, 3).float()
+    rows = jitter_colour(pixels.mean(0).tolist(), factors, cfg.mean, cfg.std)
+    got = (pixels @ rows[:3] + rows[3]).view(20, 30, 3).permute(2, 0, 1)
+    assert torch.allclose(got, expected, atol=1e-4)
+    # the same rows through the colour step itself (no padding, no clip: mid-range pixels)
+    step = to_model_input(image[None], rows[None])[0]
+    assert torch.allclose(step, expected, atol=1e-4)
