@@ -1,4 +1,4 @@
-"""Framework overhead of engine.train_step vs a bare hand-written loop, multi-process CPU throughput, GPU table.
+"""Framework overhead of step.train_step vs a bare hand-written loop, multi-process CPU throughput, GPU table.
 
     python benchmarks/train_step.py                    # CPU: overhead + images/s for 1 and 2 processes
     python benchmarks/train_step.py --gpu --steps 20   # the GPU section alone, one call on a GPU machine
@@ -35,9 +35,9 @@ from dist_seg.config.schema import LossConfig, ModelConfig, OptimConfig, SchedCo
 from dist_seg.models import build_model  # noqa: E402
 from dist_seg.runtime import distributed as D  # noqa: E402
 from dist_seg.runtime.precision import AMP_DTYPES, autocast  # noqa: E402
-from dist_seg.train.loop import StepContext, train_step  # noqa: E402
 from dist_seg.train.losses import build_loss  # noqa: E402
 from dist_seg.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from dist_seg.train.step import StepContext, train_step  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, for the model-FLOPs utilisation
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -52,9 +52,7 @@ def make(name: str, width: float, classes: int, amp: str, device: torch.device, 
     return model, opt
 
 
-def ctx_for(
-    model, opt, amp: str, device: torch.device, classes: int, channels_last: bool = False
-) -> StepContext:
+def ctx_for(model, opt, amp: str, device: torch.device, classes: int) -> StepContext:
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     return StepContext(
         model,
@@ -65,7 +63,6 @@ def ctx_for(
         device,
         AMP_DTYPES[amp],
         None,
-        channels_last,
         5,
         [p for p in model.parameters() if p.requires_grad],
     )
@@ -176,7 +173,7 @@ def pipeline_run(dev: torch.device, width: float, size: int, batch: int, steps: 
     import warnings
 
     from dist_seg.config.schema import DataConfig
-    from dist_seg.data.loading.colour import Prefetcher
+    from dist_seg.data.loading.prefetch import Prefetcher
     from dist_seg.data.loading.train_loader import TRAIN_TENSORS, build_train_loader
     from dist_seg.data.prep.convert import ConvertOptions, convert
     from dist_seg.data.prep.synth.dataset import generate
@@ -193,7 +190,7 @@ def pipeline_run(dev: torch.device, width: float, size: int, batch: int, steps: 
             pin_memory=dev.type == "cuda", shuffle_buffer=16,
         )  # fmt: skip
         model, opt = make("deconvnet", width, 11, "bf16", dev, True)
-        ctx = ctx_for(model, opt, "bf16", dev, 11, True)
+        ctx = ctx_for(model, opt, "bf16", dev, 11)
         loader = build_train_loader(cfg, 0, 1, seed=0)
         done, syncs = 0, None
         _sync(dev)
@@ -230,7 +227,7 @@ def pipeline_run(dev: torch.device, width: float, size: int, batch: int, steps: 
 def _model_only_ips(dev: torch.device, width: float, size: int, batch: int, steps: int, compile_: bool = False,
                     channels_last: bool = True) -> float:  # fmt: skip
     model, opt = make("deconvnet", width, 11, "bf16", dev, channels_last)
-    ctx = ctx_for(torch.compile(model) if compile_ else model, opt, "bf16", dev, 11, channels_last)
+    ctx = ctx_for(torch.compile(model) if compile_ else model, opt, "bf16", dev, 11)
     x = torch.randn(batch, 3, size, size, device=dev)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -10,8 +10,9 @@ BatchNorm buffers (running mean/var, the batch counter) are copied from the mode
 timm's ModelEmaV2/V3 and torchvision's reference `ExponentialMovingAverage(use_buffers=False)` do: averaged
 running statistics would describe none of the weights they sit beside. Every rank computes the same
 average (DDP keeps the parameters identical, and with SyncBatchNorm the copied buffers are identical too),
-so the EMA needs no communication per step; without SyncBatchNorm the trainer broadcasts rank 0's buffers
-(`distributed.broadcast_buffers_`) before each evaluation, as it does for the model.
+so the EMA needs no communication per step; without SyncBatchNorm the Validator
+(dist_seg.train.validation) broadcasts rank 0's buffers (`distributed.broadcast_buffers_`) before each
+evaluation, as it does for the model's buffers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What the training loop reports: progress lines, training scalars and evaluation results (rank 0 writes)."""
+"""What the training loop reports: progress lines and training scalars (TrainMeter), evaluation results
+(report_eval), the run's hparams summary; rank 0 writes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dist_seg.viz import class_palette
 
 class Window:
     """Sums between two progress lines. Loss and gradient norm stay on the device (0-dim tensors) until
-    Progress.log reads them, so a step does not wait for its own numbers."""
+    TrainMeter.log reads them, so a step does not wait for its own numbers."""
 
     def __init__(self) -> None:
         self.reset()
@@ -48,10 +49,14 @@ class Window:
         self.remote_retries = remote_retries  # running totals, like skipped_samples
 
 
-class Progress:
-    """The training loop's progress reporting: owns its window of sums and the run's start for the ETA."""
+class TrainMeter:
+    """Meters the training steps (loss, gradient norm, loss scale, throughput, data wait) and reports them
+    every train.log_every steps as TensorBoard scalars and a progress line with an ETA. Owns the window of
+    sums since the last line and the run's start."""
 
-    def __init__(self, cfg: Config, world: D.World, tb: TBLogger, total_steps: int, step_at_start: int):
+    def __init__(
+        self, cfg: Config, world: D.World, tb: TBLogger, total_steps: int, step_at_start: int
+    ) -> None:
         self.cfg, self.world, self.tb = cfg, world, tb
         self.total_steps, self.step_at_start = total_steps, step_at_start
         self.window = Window()
@@ -60,6 +65,8 @@ class Progress:
     def add(
         self, o: StepResult, wait: float, dt: float, skipped_samples: int, remote_retries: int = 0
     ) -> None:
+        """Count one step: `wait` of its `dt` seconds went to waiting for batches; `skipped_samples` and
+        `remote_retries` are the loader's running totals on this rank."""
         self.window.add(o, wait, dt, skipped_samples, remote_retries)
 
     def log(self, step: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:
@@ -67,21 +74,7 @@ class Progress:
         rank calls it at the same steps)."""
         cfg, world, tb, w = self.cfg, self.world, self.tb, self.window
         total_steps = self.total_steps
-        # averages over the steps that updated the weights (the same steps on every rank: the skip is
-        # decided across ranks); NaN when every step of the window was skipped. One all-reduce, one read.
-        sums = torch.stack(
-            [
-                torch.as_tensor(w.loss, dtype=torch.float64, device=world.device),
-                torch.as_tensor(w.grad_norm, dtype=torch.float64, device=world.device),
-                torch.tensor(float(w.skipped_samples), dtype=torch.float64, device=world.device),
-                torch.tensor(float(w.remote_retries), dtype=torch.float64, device=world.device),
-            ]
-        )
-        loss_sum, grad_sum, skipped_sum, retries_sum = D.sum_across_ranks(sums)
-        n_ranks = world.world_size
-        loss = loss_sum / n_ranks / w.updates if w.updates else math.nan
-        grad_norm = grad_sum / n_ranks / w.updates if w.updates else math.nan  # equal on every rank
-        skipped, retries = int(round(skipped_sum)), int(round(retries_sum))
+        loss, grad_norm, skipped, retries = self._across_ranks()
         elapsed = time.perf_counter() - w.t0
         ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * world.world_size / max(elapsed, 1e-9)
         values = {
@@ -109,6 +102,31 @@ class Progress:
                 flush=True,
             )
         w.reset()
+
+    def _across_ranks(self) -> tuple[float, float, int, int]:
+        """The window's mean loss and gradient norm over all ranks, and the skipped-sample and retry totals.
+        The means are over the steps that updated the weights (the same steps on every rank: the skip is
+        decided across ranks); NaN when every step of the window was skipped. One all-reduce, one read."""
+        w, device = self.window, self.world.device
+        sums = torch.stack(
+            [
+                torch.as_tensor(w.loss, dtype=torch.float64, device=device),
+                torch.as_tensor(w.grad_norm, dtype=torch.float64, device=device),
+                torch.tensor(float(w.skipped_samples), dtype=torch.float64, device=device),
+                torch.tensor(float(w.remote_retries), dtype=torch.float64, device=device),
+            ]
+        )
+        loss_sum, grad_sum, skipped_sum, retries_sum = D.sum_across_ranks(sums)
+        n_ranks = self.world.world_size
+        loss = loss_sum / n_ranks / w.updates if w.updates else math.nan
+        grad_norm = grad_sum / n_ranks / w.updates if w.updates else math.nan  # equal on every rank
+        return loss, grad_norm, int(round(skipped_sum)), int(round(retries_sum))
+
+
+def print_main(world: D.World, msg: str) -> None:
+    """One line of the run's console log, printed by rank 0."""
+    if world.is_main:
+        print(msg, flush=True)
 
 
 def hms(seconds: float) -> str:
@@ -146,7 +164,28 @@ def report_eval(
     EMA) under val_ema/. Only the `primary` evaluation (the one best.pt and early stopping follow) writes the
     images, the confusion matrix and metrics.json; every evaluation is a line of metrics_history.jsonl."""
     weights = metrics.get("weights", "model")
-    tag = "val_ema" if weights == "ema" else "val"
+    _eval_to_tensorboard(tb, step, metrics, matrix, kept, names, num_classes, primary)
+    _eval_to_files(Path(cfg.train.out_dir), step, metrics, primary)
+    print(
+        f"eval step {step}{' (EMA weights)' if weights == 'ema' else ''}: mIoU {metrics['miou']:.4f} "
+        f"pixel acc {metrics['pixel_acc']:.4f} mean acc {metrics['mean_acc']:.4f}",
+        flush=True,
+    )
+
+
+def _eval_to_tensorboard(
+    tb: TBLogger,
+    step: int,
+    metrics: dict[str, Any],
+    matrix: np.ndarray,
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    names: list[str],
+    num_classes: int,
+    primary: bool,
+) -> None:
+    """Scalars under val/ (val_ema/ for the EMA); for the primary evaluation also the sample triplets and
+    the confusion matrix."""
+    tag = "val_ema" if metrics.get("weights", "model") == "ema" else "val"
     tb.scalars(
         {
             f"{tag}/miou": metrics["miou"],
@@ -171,7 +210,10 @@ def report_eval(
     if primary:
         tb.confusion(matrix, names, step)
     tb.flush()
-    out = Path(cfg.train.out_dir)
+
+
+def _eval_to_files(out: Path, step: int, metrics: dict[str, Any], primary: bool) -> None:
+    """metrics.json (the primary evaluation only) and a line of metrics_history.jsonl (every evaluation)."""
     if primary:
         (out / "metrics.json").write_text(json.dumps(to_jsonable({"step": step, **metrics}), indent=1))
     with open(out / "metrics_history.jsonl", "a") as f:
@@ -179,11 +221,6 @@ def report_eval(
             json.dumps(to_jsonable({"step": step, **{k: v for k, v in metrics.items() if k != "matrix"}}))
             + "\n"
         )
-    print(
-        f"eval step {step}{' (EMA weights)' if weights == 'ema' else ''}: mIoU {metrics['miou']:.4f} "
-        f"pixel acc {metrics['pixel_acc']:.4f} mean acc {metrics['mean_acc']:.4f}",
-        flush=True,
-    )
 
 
 def same_size(kept: list) -> list:

@@ -10,8 +10,8 @@ The rules (README "Preemption, node loss and resize" states them for users):
 - The data position is global: epoch, optimizer steps done in it, and the segment of the epoch being read.
   On the same geometry (world size, batch size, loader workers, shuffle window) the loader continues the
   segment at the next batch, so the run is the uninterrupted run. On another geometry the epoch continues in
-  a new segment over exactly the samples it has not used yet (dist_seg.data.loading.plan.consumed_ids), so over the
-  interrupted epoch every sample is used once, up to the drop_last tail.
+  a new segment over exactly the samples it has not used yet (dist_seg.data.loading.plan.consumed_ids), so
+  over the interrupted epoch every sample is used once, up to the drop_last tail.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def continue_epoch(
     state: TrainState, geometry: Geometry, saved_cfg: dict[str, Any], shard_set: ShardSet, seed: int
 ) -> str | None:
     """Carry the saved data position over to this run's `geometry`: nothing on the same geometry, for a
-    checkpoint without one, or at an epoch boundary (nothing of the epoch read yet); otherwise a new segment of
-    the epoch over the samples not used yet. Returns what it did. The caller records `geometry` as the
+    checkpoint without one, or at an epoch boundary (nothing of the epoch read yet); otherwise a new segment
+    of the epoch over the samples not used yet. Returns what it did. The caller records `geometry` as the
     segment's afterwards."""
     old = state.geometry
     if not old or old == geometry.as_dict() or state.epoch_step == 0:
@@ -112,7 +112,8 @@ def continue_epoch(
     state.segment += 1
     state.segment_start = state.epoch_step
     return (
-        f"epoch {state.epoch} continues on a new geometry ({_describe(old_geometry)} -> {_describe(geometry)}): "
+        f"epoch {state.epoch} continues on a new geometry "
+        f"({_describe(old_geometry)} -> {_describe(geometry)}): "
         f"{len(used)} of its {shard_set.total_samples} samples used so far, the rest re-planned"
     )
 

@@ -1,21 +1,24 @@
-"""The training loop's bookkeeping: what it has done (TrainState, saved in checkpoints) and when it logs,
-evaluates and saves (Plan). No tensors, no collectives, so tests/test_engine.py checks them directly."""
+"""The training loop's bookkeeping: what it has done (TrainState, saved in checkpoints) and at which steps it
+logs, evaluates and saves and where epochs end (StepSchedule). No collectives and no device work, so
+tests/train/test_loop.py checks them directly."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+import torch
+
 from dist_seg.config.schema import Config
 from dist_seg.data.loading.train_loader import DataPosition
 
 
 class StepResult(Protocol):
-    """What the bookkeeping and the monitor read of one optimizer step (engine.StepOutput; a protocol, so that
-    neither imports the engine, which imports both)."""
+    """What the bookkeeping (TrainState.record_step) and the meter (reporting.TrainMeter) read of one
+    optimizer step: step.StepOutput, declared here so that neither depends on the step's module."""
 
-    loss: float
-    grad_norm: float
+    loss: torch.Tensor  # 0-dim, on the device: the meter sums it there and reads it back once per log line
+    grad_norm: torch.Tensor  # 0-dim, on the device
     skipped: bool  # no optimizer update this step
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank
@@ -38,7 +41,7 @@ class TrainState:
     segment: int = 0  # segments of this epoch before the current one
     segment_start: int = 0  # epoch_step at which the current segment began
     consumed: list[list[int]] = field(default_factory=list)  # sample-id runs earlier segments used
-    geometry: dict[str, int] = field(default_factory=dict)  # data.plan.Geometry of the current segment
+    geometry: dict[str, int] = field(default_factory=dict)  # data.loading.plan.Geometry of this segment
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +89,10 @@ class TrainState:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """When the loop logs, evaluates and saves: each decision in one predicate."""
+class StepSchedule:
+    """At which optimizer steps the loop logs, evaluates and saves, and when an epoch's steps are done: each
+    decision in one predicate of the step count. (Not dist_seg.data.loading.plan, which decides who reads
+    which samples.)"""
 
     steps_per_epoch: int
     total_steps: int
@@ -98,11 +103,18 @@ class Plan:
     global_batch: int = 0  # images per optimizer step over all ranks
 
     @classmethod
-    def from_config(cls, cfg: Config, steps_per_epoch: int, total_steps: int, world_size: int) -> Plan:
+    def from_config(
+        cls, cfg: Config, steps_per_epoch: int, total_steps: int, world_size: int
+    ) -> StepSchedule:
         t, g = cfg.train, cfg.data.batch_size * world_size * cfg.train.grad_accum
         return cls(steps_per_epoch, total_steps, t.grad_accum, t.log_every, t.eval_every, t.save_every, g)
 
+    def finished(self, state: TrainState) -> bool:
+        """All train.max_steps (or train.epochs' worth of) optimizer steps are done."""
+        return state.step >= self.total_steps
+
     def epoch_done(self, state: TrainState) -> bool:
+        """The epoch in progress has had all its optimizer steps (the loader's batch count, on every rank)."""
         return state.epoch_step >= self.steps_per_epoch
 
     def should_log(self, step: int) -> bool:

@@ -29,6 +29,7 @@ TAGS: dict[str, str] = {
     "train/data_wait_frac": "fraction of step time spent waiting for the next batch",
     "train/gpu_mem_peak_gb": "peak GPU memory allocated on rank 0, GiB (GPU runs only)",
     "train/skipped_samples": "corrupt samples skipped so far (data.on_error=skip), all ranks",
+    "train/remote_retries": "transient network faults retried so far (shards at URLs), all ranks",
     "val/miou": "validation mean IoU over classes present in truth or prediction",
     "val/pixel_acc": "validation pixel accuracy",
     "val/mean_acc": "validation mean class accuracy",
@@ -38,7 +39,8 @@ TAGS: dict[str, str] = {
     "val/confusion": "image: row-normalised validation confusion matrix",
     "config": "text: the resolved config (YAML)",
 }
-"""The stable tags the trainer writes; `<...>` parts are filled in per optimizer group / class."""
+"""The stable tags the training loop writes; `<...>` parts are filled in per optimizer group / class. With a
+weight EMA (train.ema_decay) its evaluation's scalars go under val_ema/ beside val/."""
 
 
 def expand_tags(

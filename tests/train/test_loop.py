@@ -1,6 +1,6 @@
-"""engine and loop: the loop's decisions (loop.Plan) and step bookkeeping (loop.TrainState) without a
-training run; train_step's handling of non-finite steps against native GradScaler; compute_confusion's
-independence of the batching."""
+"""The loop's decisions (state.StepSchedule) and step bookkeeping (state.TrainState) without a training run;
+step.train_step's handling of non-finite steps against native GradScaler; compute_confusion's independence of
+the batching; early stopping through fit()."""
 
 from __future__ import annotations
 
@@ -16,18 +16,20 @@ from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.data.prep.convert import ConvertOptions, convert
 from dist_seg.infer.scoring import compute_confusion
 from dist_seg.models import build_model, input_constraints
-from dist_seg.train.loop import StepContext, StepOutput, train_step
 from dist_seg.train.losses import build_loss
 from dist_seg.train.optim import build_optimizer, build_scheduler
-from dist_seg.train.state import Plan, TrainState
+from dist_seg.train.state import StepSchedule, TrainState
+from dist_seg.train.step import StepContext, StepOutput, train_step
 
 
 def _out(nonfinite_loss: bool = False) -> StepOutput:
-    return StepOutput(1.0, 1.0, nonfinite_loss, 1.0, nonfinite_loss)
+    return StepOutput(torch.tensor(1.0), torch.tensor(1.0), nonfinite_loss, 1.0, nonfinite_loss)
 
 
 def test_epoch_end_evaluation_and_saving_by_default() -> None:
-    plan = Plan(steps_per_epoch=3, total_steps=7, grad_accum=2, log_every=5, eval_every=None, save_every=None)
+    plan = StepSchedule(
+        steps_per_epoch=3, total_steps=7, grad_accum=2, log_every=5, eval_every=None, save_every=None
+    )
     state = TrainState()
     evaluated, saved, logged = [], [], []
     while state.step < plan.total_steps:
@@ -46,7 +48,9 @@ def test_epoch_end_evaluation_and_saving_by_default() -> None:
 
 
 def test_step_counted_evaluation_and_saving() -> None:
-    plan = Plan(steps_per_epoch=100, total_steps=10, grad_accum=1, log_every=1, eval_every=4, save_every=3)
+    plan = StepSchedule(
+        steps_per_epoch=100, total_steps=10, grad_accum=1, log_every=1, eval_every=4, save_every=3
+    )
     assert [s for s in range(1, 11) if plan.should_evaluate(s, False)] == [4, 8, 10]
     assert [s for s in range(1, 11) if plan.should_save(s, False, plan.should_evaluate(s, False))] == [
         3,
@@ -83,7 +87,6 @@ def _tiny_ctx(amp: str) -> StepContext:
         torch.device("cpu"),
         dtype,
         None,
-        False,
         3,
         [p for p in model.parameters()],
     )
@@ -111,15 +114,15 @@ def test_nonfinite_loss_skips_the_step(amp: str, monkeypatch: pytest.MonkeyPatch
 
 def test_skipped_fp16_step_moves_the_scale_like_native_gradscaler(monkeypatch: pytest.MonkeyPatch) -> None:
     """good / inf / good with growth_interval=2: native GradScaler gives 1024, 512, 512 (an inf restarts the
-    growth count); the engine's cross-rank skip must do the same, not climb back to 1024 at once."""
+    growth count); train_step's cross-rank skip must do the same, not climb back to 1024 at once."""
     batch = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))]
     ctx = _tiny_ctx("fp16")
     ctx.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    engine_scales = []
+    step_scales = []
     for step in (1, 2, 3):
         if step == 2:
             monkeypatch.setenv("DIST_SEG_FAULT_NAN_AT_STEP", "2")
-        engine_scales.append(train_step(ctx, batch, step).loss_scale)
+        step_scales.append(train_step(ctx, batch, step).loss_scale)
         monkeypatch.delenv("DIST_SEG_FAULT_NAN_AT_STEP", raising=False)
 
     native = _tiny_ctx("off")
@@ -136,7 +139,7 @@ def test_skipped_fp16_step_moves_the_scale_like_native_gradscaler(monkeypatch: p
         native.optimizer.zero_grad(set_to_none=True)
         native_scales.append(scaler.get_scale())
     assert native_scales == [1024.0, 512.0, 512.0]
-    assert engine_scales == native_scales
+    assert step_scales == native_scales
 
 
 # ---------------------------------------------------------------- compute_confusion
@@ -216,3 +219,55 @@ def test_early_stop_without_validation_shards_is_a_config_error() -> None:
 
     with pytest.raises(ValueError, match=r"train.early_stop_patience=3 needs data.val_shards"):
         validate(Config(train=TrainConfig(early_stop_patience=3)))
+
+
+def test_a_stop_signal_during_an_evaluation_checkpoints_its_step_and_reports_nothing_of_it(
+    tiny_shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through fit(): SIGUSR1 arrives while step 2's evaluation runs. The evaluation is abandoned (step 1's
+    is the only one reported), every rank checkpoints step 2, and Preempted names the signal."""
+    import os
+    import signal
+
+    from launch_utils import REPO
+
+    from dist_seg.checkpoint import load_checkpoint
+    from dist_seg.config.loading import load_config
+    from dist_seg.runtime.distributed import World
+    from dist_seg.runtime.preemption import Preempted, StopRequest
+    from dist_seg.train import validation
+    from dist_seg.train.loop import fit
+
+    evaluations = []
+
+    def signal_during_the_second(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return compute_confusion(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "compute_confusion", signal_during_the_second)
+    out = tmp_path / "run"
+    overrides = [
+        f"data.train_shards={tiny_shards['train4']}",
+        f"data.val_shards={tiny_shards['eval1']}",
+        f"train.out_dir={out}",
+        "model.name=fcn8s",
+        "data.crop_size=32",
+        "train.max_steps=5",
+        "train.eval_every=1",
+    ]
+    stop = StopRequest([signal.SIGUSR1])
+    try:
+        with pytest.raises(Preempted) as e:
+            fit(
+                load_config(REPO / "configs/cpu_small.yaml", overrides),
+                World(0, 0, 1, torch.device("cpu"), None),
+                stop,
+            )
+    finally:
+        stop.close()
+    assert (e.value.step, e.value.signal_name) == (2, "SIGUSR1")
+    assert load_checkpoint(out / "last.pt")["train_state"]["step"] == 2
+    history = [json.loads(line)["step"] for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    assert history == [1]

@@ -1,4 +1,4 @@
-"""monitor.py helpers that do not need a training run."""
+"""dist_seg.train.reporting helpers that do not need a training run."""
 
 from __future__ import annotations
 

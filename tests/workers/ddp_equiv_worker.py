@@ -14,9 +14,9 @@ from dist_seg.config.schema import LossConfig, ModelConfig, OptimConfig, SchedCo
 from dist_seg.models import build_model, unwrap
 from dist_seg.runtime import distributed as D
 from dist_seg.train.ema import WeightEMA
-from dist_seg.train.loop import StepContext, train_step
 from dist_seg.train.losses import build_loss
 from dist_seg.train.optim import build_optimizer, build_scheduler
+from dist_seg.train.step import StepContext, train_step
 
 STEPS, B, CLASSES = int(__import__("os").environ.get("EQ_STEPS", 3)), 2, 4
 world = D.init_distributed("cpu", timeout_s=120)
@@ -38,7 +38,6 @@ try:
         world.device,
         None,
         1.0,
-        False,
         3,
         [p for p in model.parameters() if p.requires_grad],
         WeightEMA(model, 0.5),

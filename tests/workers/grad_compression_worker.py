@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from dist_seg.config.schema import LossConfig, ModelConfig, OptimConfig, SchedConfig
 from dist_seg.models import build_model
 from dist_seg.runtime import distributed as D
-from dist_seg.train.loop import StepContext, train_step
 from dist_seg.train.losses import build_loss
 from dist_seg.train.optim import build_optimizer, build_scheduler
+from dist_seg.train.step import StepContext, train_step
 
 STEPS, B, CLASSES, POWERSGD_START, LR = 12, 2, 4, 3, 0.05
 world = D.init_distributed("cpu", timeout_s=120)
@@ -35,7 +35,7 @@ try:
         opt, _ = build_optimizer(model, OptimConfig(name="sgd", lr=LR, momentum=0.9, weight_decay=0.0))
         ctx = StepContext(
             model, opt, build_scheduler(opt, SchedConfig(name="constant"), STEPS), None,
-            build_loss(LossConfig(), CLASSES), world.device, None, None, False, 3,
+            build_loss(LossConfig(), CLASSES), world.device, None, None, 3,
             [p for p in model.parameters() if p.requires_grad],
         )  # fmt: skip
         losses[hook] = []
