@@ -87,7 +87,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(trash_shards, tm
     assert not list(out.glob(".*.tmp"))
 
 
-# ---------------------------------------------------------------- 4: non-finite losses (train_step: tests/test_engine.py)
+# ---------------------------------------------------------------- 4: non-finite losses (train_step: tests/train/test_loop.py)
 @pytest.mark.slow
 def test_repeated_nonfinite_on_one_rank_stops_every_rank(trash_shards, tmp_path: Path) -> None:
     r = torchrun(
