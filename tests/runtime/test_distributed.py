@@ -1,12 +1,17 @@
-"""distributed.py: single-process no-ops, and CPU SyncBatchNorm equal to BatchNorm over the global batch."""
+"""runtime/distributed.py: single-process no-ops, CPU SyncBatchNorm equal to BatchNorm over the global batch, and
+the gradient-compression hooks within their formats' rounding of the mean gradient."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from launch_utils import REPO, torchrun
 
 from dist_seg.runtime import distributed as D
+
+POWERSGD_START = 3  # tests/workers/grad_compression_worker.py's powersgd_start_step for its training run
 
 
 def test_single_process_helpers_are_noops(monkeypatch) -> None:
@@ -43,27 +48,72 @@ def test_optimizer_holds_exactly_the_prepared_models_trainable_parameters() -> N
     assert r.stdout.count("OK") == 2, r.stdout
 
 
-def test_gradient_compression_hooks_train_like_the_plain_all_reduce(tmp_path) -> None:
-    """Two real ranks on gloo, 12 SGD steps on one batch: fp16 and bf16 compression round each gradient
-    bucket, so their losses differ from the plain all-reduce's (measured: by up to 1.3% and 3.1% on the way) but end
-    within 1% of it; PowerSGD is the plain all-reduce for its warm-up steps, then a rank-1 approximation that
-    still descends (measured: final loss 1.19 against 1.03 plain, from 1.52)."""
-    import json
+def check_gradients(grads: dict) -> None:
+    """One backward per hook from identical weights, each rank on its own images; every ratio is the worst,
+    over all ~530k gradient elements (or all PowerSGD matrices), of |delivered - float64 reference| divided
+    by a bound derived in the worker from the hook's arithmetic (the docstrings of compressed_mean_bound,
+    plain_mean_bound and powersgd_bound). The reference is the float64 mean of the float32 gradients the
+    ranks handed to DDP, so nothing here depends on how a CPU's BLAS rounds the forward and backward.
+    Worst ratios measured: plain 0.99998 (the bound u|x| is attained: round to nearest reaches it for x just
+    above a power of two), fp16 0.93, bf16 0.92, PowerSGD 0.33 (rank 1) and 0.09 (projection); they cannot
+    exceed 1 on any IEEE-754 machine with gloo's arithmetic; broken hooks (no division, the wrong format,
+    no averaging, no hook) measured 7 to 10^7 or failed an exact check."""
+    for check in ("none", "powersgd_warmup1", "powersgd_warmup2"):
+        c = grads[check]
+        assert c["same_on_ranks"], (check, c)  # an all-reduce gives every rank the same bits
+        assert c["max_ratio"] <= 1.0, (check, c)  # the float32 mean, rounded once
+        # ... and exactly fl32(g0 * 0.5 + g1 * 0.5): DDP's reducer multiplies by 1/world_size = 0.5 (exact)
+        # and PowerSGD's vanilla all-reduce divides by 2 (exact), and a sum of two float32 values is rounded
+        # once in any order. For 2 ranks this makes PowerSGD's warm-up bitwise the plain all-reduce.
+        assert c["equals_fl32_mean"], (check, c)
+        assert not c["sum_in_fp16"] and not c["sum_in_bf16"], (check, c)
+    for fmt in ("fp16", "bf16"):
+        c = grads[fmt]
+        assert c["no_overflow"], c  # the bound's precondition: no |gradient| above the format's largest value
+        assert c["same_on_ranks"], (fmt, c)
+        assert c["max_ratio"] <= 1.0, (fmt, c)  # within the format's rounding of the mean (u = 2^-11, 2^-8)
+        # every delivered value (or twice it: the sum before halving) is a value of the format: the hook ran,
+        # in that format (the plain all-reduce, well within this bound, fails here)
+        assert c[f"sum_in_{fmt}"], (fmt, c)
+    p = grads["powersgd_compressed"]
+    assert p["compressed_matrices"] > 0, p
+    assert p["same_on_ranks"], p
+    assert p["max_rank1_ratio"] <= 1.0, p  # each compressed matrix is delivered as P Q^T, rank 1
+    assert p["max_projection_ratio"] <= 1.0, p  # ... the mean gradient projected on its column space
+    assert p["uncompressed_max_ratio"] <= 1.0, p  # biases, BN and small matrices: the plain float32 mean
 
-    r = torchrun([str(REPO / "tests/workers/grad_compression_worker.py"), str(tmp_path / "losses.json")])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    losses = json.loads((tmp_path / "losses.json").read_text())
-    plain = losses["none"]
-    assert plain[-1] < 0.75 * plain[0], plain  # training moves, so the comparison means something
-    for hook, rel in (("fp16", 0.03), ("bf16", 0.05)):  # bf16 keeps 8 significant bits, fp16 11
+
+def check_training(losses: dict) -> None:
+    """12 SGD steps (momentum 0.9) on one batch. No comparison of the compressed runs' losses with the plain
+    run's: the trajectory amplifies every step's rounding, so which way each gradient element rounds (which
+    depends on the CPU's kernels) moves the final loss by percents -- over 10 kernel/rounding variants on one
+    AMD EPYC fp16 ended -3.4% to +0.5% from the plain run and bf16 -3.9% to +1.1% -- and no
+    tolerance on that difference can be derived. The gradient-level checks above carry the precision claim;
+    what remains here are learning guards ("training moves") whose floors leave several times the spread the
+    variants showed (final/start: plain 0.674-0.696, fp16 0.671-0.683, bf16 0.659-0.681, PowerSGD
+    0.771-0.783), and the PowerSGD warm-up, bitwise the plain all-reduce for 2 ranks."""
+    for hook, floor in (("none", 0.8), ("fp16", 0.8), ("bf16", 0.8), ("powersgd", 0.9)):
         got = losses[hook]
-        assert got != plain, f"{hook}: identical losses, the hook did not run"
-        for step, (a, b) in enumerate(zip(plain, got, strict=True), 1):
-            assert abs(a - b) <= rel * a, (hook, step, a, b)
-        assert abs(got[-1] - plain[-1]) <= 0.01 * plain[-1], (hook, got[-1], plain[-1])
-    psgd = losses["powersgd"]
-    assert psgd[:3] == plain[:3]  # the worker's powersgd_start_step=3: plain all-reduces until then
-    assert psgd[3:] != plain[3:] and psgd[-1] < 0.85 * psgd[0], psgd
+        assert got[-1] < floor * got[0], (hook, got)
+    plain, psgd = losses["none"], losses["powersgd"]
+    # The losses of steps 1..START+1 come from weights updated only by the START vanilla all-reduces, whose
+    # gradients are bitwise the plain path's (check_gradients: both are fl32(g0/2 + g1/2) for 2 ranks), so
+    # they are bitwise equal as long as the process computes the same forward/backward twice (same seeds,
+    # thread count and kernels: true on one machine). With 3+ ranks this would be luck: DDP multiplies by
+    # fl(1/3) where the hook divides by 3, and gloo's ring order depends on the bucket layout (one bucket
+    # for PowerSGD on CPU). The next step's weights come from the first compressed gradient.
+    assert psgd[: POWERSGD_START + 1] == plain[: POWERSGD_START + 1], (psgd, plain)
+    assert psgd[POWERSGD_START + 1] != plain[POWERSGD_START + 1], (psgd, plain)
+
+
+def test_gradient_compression_hooks_deliver_the_mean_gradient_within_their_formats_rounding(tmp_path) -> None:
+    r = torchrun(
+        [str(REPO / "tests/workers/grad_compression_worker.py"), str(tmp_path / "out.json")], timeout=180
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    check_gradients(out["grads"])
+    check_training(out["losses"])
 
 
 def test_an_unknown_gradient_compression_is_a_config_error() -> None:
