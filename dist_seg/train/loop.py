@@ -232,7 +232,8 @@ def _restore(run: Run, saved: Saved, state: TrainState) -> None:
     if ck["train_state"].get("batch_in_epoch") and "epoch_step" not in ck["train_state"]:
         print_main(world, f"warning: {path} predates global data positions; epoch {state.epoch} restarts")
     geometry, saved_cfg = run.loader.geometry, ck.get("config", {})
-    note = resume.continue_epoch(state, geometry, saved_cfg, run.shard_set, run.cfg.train.seed)
+    order = (run.cfg.train.seed, run.cfg.data.shuffle_shards)
+    note = resume.continue_epoch(state, geometry, saved_cfg, run.shard_set, *order)
     print_main(
         world,
         f"resumed from {path} at step {state.step} (epoch {state.epoch}, step {state.epoch_step} of it)",

@@ -8,10 +8,13 @@ The rules (README "Preemption, node loss and resize" states them for users):
   curve and the samples per step are those of the uninterrupted run. When no whole grad_accum makes the
   checkpoint's global batch, the resume stops before the first step with an error naming both sides.
 - The data position is global: epoch, optimizer steps done in it, and the segment of the epoch being read.
-  On the same geometry (world size, batch size, loader workers, shuffle window) the loader continues the
-  segment at the next batch, so the run is the uninterrupted run. On another geometry the epoch continues in
-  a new segment over exactly the samples it has not used yet (dist_seg.data.loading.plan.consumed_ids), so
-  over the interrupted epoch every sample is used once, up to the drop_last tail.
+  The epoch's order is a function of the shards, the geometry (world size, batch size, loader workers,
+  shuffle window), train.seed and data.shuffle_shards. When none of these changed, the loader continues the
+  segment at the next batch, so the run is the uninterrupted run. When the geometry, the seed or the shard
+  shuffle changed, the epoch continues in a new segment over exactly the samples it has not used yet
+  (dist_seg.data.loading.plan.consumed_ids, in the checkpoint's order), read in the new order; so over the
+  interrupted epoch every sample is used once, up to the drop_last tail, and the next epochs follow the new
+  settings. (The shards themselves must be the checkpoint's: check_same_dataset compares the sample count.)
 """
 
 from __future__ import annotations
@@ -82,39 +85,69 @@ def keep_global_batch(cfg: Config, saved: dict[str, Any], world_size: int) -> tu
 
 
 def continue_epoch(
-    state: TrainState, geometry: Geometry, saved_cfg: dict[str, Any], shard_set: ShardSet, seed: int
+    state: TrainState,
+    geometry: Geometry,
+    saved_cfg: dict[str, Any],
+    shard_set: ShardSet,
+    seed: int,
+    shuffle: bool = True,
 ) -> str | None:
-    """Carry the saved data position over to this run's `geometry`: nothing on the same geometry, for a
-    checkpoint without one, or at an epoch boundary (nothing of the epoch read yet); otherwise a new segment
-    of the epoch over the samples not used yet. Returns what it did. The caller records `geometry` as the
-    segment's afterwards."""
+    """Carry the saved data position over to this run's data order: its `geometry`, train.seed (`seed`) and
+    data.shuffle_shards (`shuffle`). Nothing when none of them changed (the segment continues at the next
+    batch), for a checkpoint without a geometry, or at an epoch boundary (nothing of the epoch read yet);
+    otherwise a new segment of the epoch over the samples not used yet, which are counted in the order the
+    checkpoint's run read them. Returns what it did. The caller records `geometry` as the segment's
+    afterwards."""
     old = state.geometry
-    if not old or old == geometry.as_dict() or state.epoch_step == 0:
+    if not old or state.epoch_step == 0:
         return None
-    data = saved_cfg.get("data", {})
-    shuffle = bool(data.get("shuffle_shards", True))
-    old_seed = int(saved_cfg.get("train", {}).get("seed", seed))
+    old_seed, old_shuffle = _saved_order(saved_cfg, seed, shuffle)
+    changed = [
+        f"{key} {was} -> {now}"
+        for key, was, now in (("train.seed", old_seed, seed), ("data.shuffle_shards", old_shuffle, shuffle))
+        if was != now
+    ]
+    if old == geometry.as_dict() and not changed:
+        return None
     old_geometry = Geometry(**old)
-    grad_accum = state.global_batch // (old_geometry.batch_size * old_geometry.world_size)
-    start_batch = (state.epoch_step - state.segment_start) * grad_accum
-    before = runs_to_ids(state.consumed)
-    used = consumed_ids(
-        shard_set.shard_samples,
-        old_seed,
-        state.epoch,
-        shuffle,
-        state.segment,
-        before,
-        old_geometry,
-        start_batch,
-    )
+    used = _used_so_far(state, shard_set, old_geometry, old_seed, old_shuffle)
     state.consumed = ids_to_runs(used)
     state.segment += 1
     state.segment_start = state.epoch_step
+    how = []
+    if old != geometry.as_dict():
+        how.append(f"on a new geometry ({_describe(old_geometry)} -> {_describe(geometry)})")
+    if changed:
+        how.append(f"in a new data order ({', '.join(changed)})")
     return (
-        f"epoch {state.epoch} continues on a new geometry "
-        f"({_describe(old_geometry)} -> {_describe(geometry)}): "
+        f"epoch {state.epoch} continues {' and '.join(how)}: "
         f"{len(used)} of its {shard_set.total_samples} samples used so far, the rest re-planned"
+    )
+
+
+def _saved_order(saved_cfg: dict[str, Any], seed: int, shuffle: bool) -> tuple[int, bool]:
+    """The checkpoint run's train.seed and data.shuffle_shards, the inputs of the epoch order besides the
+    geometry (this run's where the checkpoint does not say)."""
+    old_seed = int(saved_cfg.get("train", {}).get("seed", seed))
+    return old_seed, bool(saved_cfg.get("data", {}).get("shuffle_shards", shuffle))
+
+
+def _used_so_far(
+    state: TrainState, shard_set: ShardSet, old_geometry: Geometry, old_seed: int, old_shuffle: bool
+) -> set[int]:
+    """The ids of the samples the interrupted epoch has used: earlier segments', and the batches every rank
+    took of the current one, read as the checkpoint's run read them."""
+    grad_accum = state.global_batch // (old_geometry.batch_size * old_geometry.world_size)
+    start_batch = (state.epoch_step - state.segment_start) * grad_accum
+    return consumed_ids(
+        shard_set.shard_samples,
+        old_seed,
+        state.epoch,
+        old_shuffle,
+        state.segment,
+        runs_to_ids(state.consumed),
+        old_geometry,
+        start_batch,
     )
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import read_shards
 from launch_utils import REPO, torchrun
+from tiny_shards import tar_keys
 
 from dist_seg.checkpoint import load_checkpoint, save_checkpoint
 from dist_seg.train.tensorboard import read_scalars
@@ -85,6 +86,40 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(trash_shards, tm
     assert "at step 2" in r.stdout  # the torn step-4 file was ignored; step 2's checkpoint was loaded
     assert _steps(out) == list(range(1, 7))
     assert not list(out.glob(".*.tmp"))
+
+
+def _recorded(folder: Path, up_to: int | None = None) -> list[str]:
+    """The keys the ranks recorded (DIST_SEG_RECORD_KEYS), of steps <= up_to when given."""
+    lines = [ln.split() for f in sorted(folder.glob("keys-rank*.txt")) for ln in f.read_text().splitlines()]
+    return [key for step, key in lines if up_to is None or int(step) <= up_to]
+
+
+@pytest.mark.slow
+def test_a_resume_in_another_data_order_uses_each_sample_of_the_epoch_once(
+    tiny_shards, tmp_path: Path
+) -> None:
+    """40 samples, global batch 4: epochs of 10 steps. Killed at step 6 after the checkpoint of step 4, then
+    resumed on the same geometry with train.seed and data.shuffle_shards changed: the rest of the epoch is
+    re-planned over the samples not used yet, so the epoch uses every sample exactly once."""
+    shards, out = tiny_shards["train4"], tmp_path / "run"
+    args = ["train.max_steps=10", "data.batch_size=2", "data.num_workers=2"]
+    keys_a, keys_b = tmp_path / "keys_a", tmp_path / "keys_b"
+    a = torchrun(
+        _train_args(shards, out, *args, "train.save_every=4"),
+        env={"DIST_SEG_FAULT_KILL_AT_STEP": "6:0", "DIST_SEG_RECORD_KEYS": str(keys_a)},
+    )
+    assert a.returncode != 0 and "SIGKILL rank 0 at step 6" in a.stdout, a.stdout[-2000:] + a.stderr[-2000:]
+    b = torchrun(
+        _train_args(shards, out, *args, "train.seed=1", "data.shuffle_shards=false"),
+        env={"DIST_SEG_RECORD_KEYS": str(keys_b)},
+    )
+    assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-3000:]
+    used = _recorded(keys_a, up_to=4) + _recorded(keys_b)
+    assert sorted(used) == sorted(tar_keys(shards)), "a sample was used twice or never"
+    assert (
+        "epoch 0 continues in a new data order (train.seed 0 -> 1, data.shuffle_shards True -> False): "
+        "16 of its 40 samples used so far" in b.stdout
+    ), b.stdout[-2000:]
 
 
 # ---------------------------------------------------------------- 4: non-finite losses (train_step: tests/train/test_loop.py)

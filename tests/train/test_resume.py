@@ -1,7 +1,8 @@
 """dist_seg.train.resume, the rules a resume follows (README "Preemption, node loss and resize"), checked
 against hand-computed expectations: the global batch kept across world sizes (or the resume refused, naming
-both sides), an interrupted epoch continued on the same or another geometry without re-reading a sample
-(through the real train loader), another dataset refused, and the checkpoint every rank agrees on."""
+both sides), an interrupted epoch continued on the same or another geometry, or in another data order
+(train.seed, data.shuffle_shards), without re-reading a sample (through the real train loader), another
+dataset refused, and the checkpoint every rank agrees on."""
 
 from __future__ import annotations
 
@@ -94,18 +95,27 @@ def _geometry(world_size: int) -> Geometry:
     return Geometry(world_size=world_size, batch_size=2, readers=1, window=8)
 
 
-def _data(shards: Path) -> DataConfig:
-    return DataConfig(train_shards=str(shards), batch_size=2, crop_size=24, num_workers=0, shuffle_buffer=8)
+def _data(shards: Path, shuffle: bool = True) -> DataConfig:
+    return DataConfig(
+        train_shards=str(shards), batch_size=2, crop_size=24, num_workers=0, shuffle_buffer=8,
+        shuffle_shards=shuffle,
+    )  # fmt: skip
 
 
 def _read(
-    shards: Path, world_size: int, state: TrainState, grad_accum: int, batches: int | None = None
+    shards: Path,
+    world_size: int,
+    state: TrainState,
+    grad_accum: int,
+    batches: int | None = None,
+    order: tuple[int, bool] = (0, True),
 ) -> list[str]:
     """The sample keys every rank's real train loader yields from `state`'s data position (`batches` loader
-    batches per rank, or the rest of the epoch)."""
+    batches per rank, or the rest of the epoch), with train.seed and data.shuffle_shards `order`."""
     keys: list[str] = []
+    seed, shuffle = order
     for rank in range(world_size):
-        loader = build_train_loader(_data(shards), rank, world_size, seed=0)
+        loader = build_train_loader(_data(shards, shuffle), rank, world_size, seed=seed)
         assert loader.geometry == _geometry(world_size)
         loader.set_position(state.data_position(grad_accum))
         for i, batch in enumerate(loader):
@@ -155,6 +165,43 @@ def test_another_geometry_continues_the_epoch_over_the_unused_samples(tiny_shard
     rest = _read(shards, 1, state, grad_accum=4)
     assert len(rest) == 16 and not set(rest) & set(used)
     assert sorted(used + rest) == sorted(tar_keys(shards))
+
+
+@pytest.mark.parametrize(
+    ("order", "change"),
+    [
+        pytest.param((1, True), "train.seed 0 -> 1", id="another-seed"),
+        pytest.param((0, False), "data.shuffle_shards True -> False", id="no-shard-shuffle"),
+    ],
+)
+def test_a_changed_data_order_continues_the_epoch_over_the_unused_samples(
+    tiny_shards: dict[str, Path], order: tuple[int, bool], change: str
+) -> None:
+    """The same geometry, but the resume changes an input of the epoch's order: continuing the segment would
+    read the new order from batch 6 on, repeating samples and skipping others; instead the rest of the
+    epoch is re-planned over the 16 samples not used yet, in the new order."""
+    shards = tiny_shards["train4"]
+    state, used = _interrupted(shards, world_size=2, grad_accum=2, steps=3)
+    naive = _read(shards, 2, state, grad_accum=2, order=order)  # what the segment's next batches would be
+    assert set(naive) & set(used), "the changed order does not move samples: the test shows nothing"
+    saved_cfg = {"train": {"seed": 0}, "data": {"shuffle_shards": True}}
+    note = continue_epoch(state, _geometry(2), saved_cfg, resolve_shards(str(shards)), *order)
+    assert note == (
+        f"epoch 0 continues in a new data order ({change}): 24 of its 40 samples used so far, the rest "
+        "re-planned"
+    )
+    assert (state.segment, state.segment_start) == (1, 3)
+    rest = _read(shards, 2, state, grad_accum=2, order=order)
+    assert len(rest) == 16 and sorted(used + rest) == sorted(tar_keys(shards))
+
+
+def test_a_new_geometry_and_a_new_seed_are_both_named() -> None:
+    state = TrainState(step=3, epoch_step=3, global_batch=8, samples=40, geometry=_geometry(2).as_dict())
+    note = continue_epoch(state, _geometry(1), {"train": {"seed": 0}}, _shard_set(40), seed=5)
+    assert note is not None and note.startswith(
+        "epoch 0 continues on a new geometry (2 rank(s) x batch 2, 1 reader(s), window 8 -> 1 rank(s) x "
+        "batch 2, 1 reader(s), window 8) and in a new data order (train.seed 0 -> 5): 24 of its 40"
+    )
 
 
 def _shard_set(samples: int, spec: str = "/data/train") -> ShardSet:
