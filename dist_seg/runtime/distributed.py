@@ -57,8 +57,10 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
 def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> World:
     """Start the process group from torchrun's environment, or describe a single process.
 
-    The rendezvous store is namespaced per torchrun attempt: after `--max-restarts`, a plain `env://` init can
-    read the previous attempt's gloo addresses and connect to a dead worker (docs/design.md §3).
+    When torchrun shares its agent store with the workers (its default), the store is namespaced per attempt:
+    after a restart, a plain `env://` init can read the previous attempt's gloo addresses and connect to a
+    dead worker (docs/design.md §3). launch/multinode.sh turns the sharing off instead (fresh store per
+    attempt; README "Preemption, node loss and resize").
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_ADDR" not in os.environ:
         return World(0, 0, 1, _pick_device(device_preference, 0), None)
@@ -66,7 +68,13 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> W
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"attempt_{restart_count()}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's shared agent store outlives attempts: namespace it per attempt, best effort, since the
+        # restart count is per agent and diverges between nodes (a node that joins starts at 0; on a crash one
+        # agent restarts via FAILED, +1, its peer via "new nodes", +0: pytorch/pytorch#135712). With
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/multinode.sh) rank 0 hosts a fresh store each attempt,
+        # so no prefix is needed, and a diverging one would hang init until the timeout (a rejoin, a crash).
+        store = dist.PrefixStore(f"attempt_{restart_count()}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return World(rank, local_rank(), world, device, backend)
 
