@@ -8,6 +8,15 @@ few hundred steps are chaotic (rounding-level differences move the result by mor
 So the fault itself is guarded by the float32/bf16 numerics test in test_distributed.py (which fails on the
 faulty code), and these runs guard learning as a whole with tasks that converge whatever the trajectory:
 fitting a fixed set of images, on 2 ranks through SyncBatchNorm and for DeepLab v1 and FCN-8s.
+
+Floors. A seeded result of a few hundred steps has no derivable tolerance: it depends chaotically on every
+rounding, and another CPU rounds differently (other oneDNN/ATen kernels). What can be measured is how far
+kernel changes move it, so each floor states its margin against that spread. The spread was measured on one
+AMD EPYC (AVX-512) under three kernel variants -- the default kernels, oneDNN limited to AVX2
+(ONEDNN_MAX_CPU_ISA=AVX2) and ATen's scalar kernels (ATEN_CPU_CAPABILITY=default) -- plus the value on the
+development machine ("dev"). A floor sits at least 3x that spread below the lowest value, and well above what a
+path that stops learning scores (0.12-0.35: see the notes at the end of the file), so that rounding cannot cross
+it and a broken path cannot pass it. The runs are not lengthened to converge further: CI time.
 """
 
 from __future__ import annotations
@@ -46,8 +55,11 @@ def _synth_shards(root: Path, images: int, val_images: int, seed: int) -> tuple[
 def test_two_process_syncbn_run_fits_its_training_images(tmp_path: Path) -> None:
     """A seeded 2-rank run through SyncBatchNorm (FCN-8s, 15 BatchNorms, 2 images per rank) fits 8 images,
     with the overrides typed as the README writes them (`train.amp=off`). Fitting a fixed set converges
-    whatever the trajectory, so the floor does not depend on lucky rounding (a short run of the demo
-    recipe does: see the module docstring). Measured: 0.9297 (floor GUARD_FLOOR)."""
+    whatever the trajectory better than a short run of the demo recipe does (see the module docstring), but
+    150 steps of FCN-8s still move with the kernels. Measured: 0.9297 (dev); not measured under the kernel
+    variants (a 2-rank run), so GUARD_FLOOR takes the spread of the same model, steps and data in one process
+    (test_every_vgg_model_overfits_eight_images: fcn8s 0.8875-0.9506, spread 0.063): 0.70 leaves 0.23, 3.6x
+    that spread, below the measured value, and 0.35 above a path that stops learning."""
     train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
     out = tmp_path / "run"
     args = [
@@ -65,15 +77,17 @@ def test_two_process_syncbn_run_fits_its_training_images(tmp_path: Path) -> None
     assert metrics["miou"] >= GUARD_FLOOR, metrics["iou"]
 
 
-GUARD_FLOOR = 0.85
+GUARD_FLOOR = 0.70  # was 0.85: 0.08 below the one value measured, about the fcn8s spread (0.063)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["deconvnet", "deeplab_v1", "fcn8s"])
 def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> None:
     """The whole path learns for each VGG model: 8 synthetic images, no augmentation, evaluated on themselves,
-    one process. Measured mIoU (deterministic on this machine): deconvnet 0.7831, deeplab_v1 0.8747,
-    fcn8s 0.9454."""
+    one process. Measured mIoU (deterministic on one machine; dev / EPYC default / EPYC oneDNN AVX2 / EPYC
+    scalar ATen, see the module docstring): deconvnet 0.7831 / 0.7278 / 0.6232 / 0.7496, deeplab_v1 0.8747 /
+    0.8645 / 0.8852 / 0.8834, fcn8s 0.9454 / 0.9367 / 0.9506 / 0.8875. The floors and their margins are in
+    OVERFIT_FLOOR."""
     train, _ = _synth_shards(tmp_path, images=8, val_images=0, seed=3)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
@@ -106,4 +120,12 @@ def test_every_vgg_model_overfits_eight_images(model: str, tmp_path: Path) -> No
 BATCH = {"deconvnet": 4, "deeplab_v1": 4, "fcn8s": 4}
 STEPS = {"deconvnet": 300, "deeplab_v1": 150, "fcn8s": 150}
 EXTRA = {"deconvnet": {"loss.class_weights": "auto", "sched.name": "poly", "sched.warmup_steps": 20}}
-OVERFIT_FLOOR = {"deconvnet": 0.6, "deeplab_v1": 0.8, "fcn8s": 0.85}
+# Floors against the spread over the kernel variants (module docstring; values in the test's docstring):
+# - deeplab_v1: 0.8645-0.8852, spread 0.021: 0.80 leaves 0.065 (3.1x the spread) below the lowest value.
+# - fcn8s: 0.8875-0.9506, spread 0.063: 0.70 (was 0.85, 0.038 below the scalar-ATen run) leaves 0.19 (3.0x).
+# - deconvnet: 0.6232-0.7831, spread 0.16. NO floor satisfies both rules: 3x the spread below the lowest value
+#   is 0.14, inside what a path that stops learning scores (0.12-0.35), and 0.6 is only 0.023 below the
+#   oneDNN-AVX2 run, so rounding alone can fail this guard on another CPU. The floor stays at 0.6 until
+#   DeconvNet's overfit run is rebuilt to converge (its fit is still climbing at 300 steps: 0.41 at 200, 0.68
+#   at 300 in the notes above, so a floor on a plateau needs a longer or better-conditioned run).
+OVERFIT_FLOOR = {"deconvnet": 0.6, "deeplab_v1": 0.8, "fcn8s": 0.7}

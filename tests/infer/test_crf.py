@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import shared_dataset
+from numerics import gamma
 from PIL import Image
 
 from dist_seg.infer import crf
@@ -17,6 +18,13 @@ from dist_seg.infer.crf import CRFParams, Permutohedral, dense_crf, dense_crf_re
 
 SPATIAL_ONLY = CRFParams(bilateral_weight=0.0)
 BILATERAL_ONLY = CRFParams(gaussian_weight=0.0)
+
+
+def _sums_to_one(q: torch.Tensor) -> bool:
+    """The CRF's output is a float32 softmax over the C classes (dim 0): each pixel's values are exps divided by
+    their float32 sum (gamma(C - 1) of it, one rounding per division), here summed again in float32
+    (gamma(C - 1)): the sum is within gamma(2C) of 1, whatever the exps' own rounding."""
+    return bool(((q.sum(0).double() - 1).abs() <= gamma(2 * q.shape[0])).all())
 
 
 def _two_regions(h: int, w: int, noise: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +67,12 @@ def test_separable_spatial_term_matches_the_exact_kernel(shape: tuple[int, int])
     fast, exact = dense_crf(probs, image, SPATIAL_ONLY), dense_crf_reference(probs, image, SPATIAL_ONLY)
     assert fast.dtype == torch.float32 and exact.dtype == torch.float64
     # separable and exact but for float32 and the 4-std truncation (~6e-5 of the kernel's mass)
-    assert (fast.double() - exact).abs().max() < 2e-4
+    tol = 2e-4
+    assert (fast.double() - exact).abs().max() < tol
+    # so the label maps are equal wherever the exact top-2 gap exceeds 2 tol: check that this is everywhere,
+    # so that a near-tie fails here, loudly, instead of by luck below (measured: smallest gap 1.5e-3)
+    top2 = exact.topk(2, 0).values
+    assert (top2[0] - top2[1] > 2 * tol).all()
     assert _agreement(fast, exact) == 1.0
 
 
@@ -134,7 +147,7 @@ def test_fast_crf_agrees_with_the_reference(case: str) -> None:
     image, kind, params = AWKWARD[case]
     probs = _probs_for(kind, *image.shape[1:])
     fast, exact = dense_crf(probs, image, params), dense_crf_reference(probs, image, params)
-    assert torch.isfinite(fast).all() and torch.allclose(fast.sum(0), torch.ones(()), atol=1e-5)
+    assert torch.isfinite(fast).all() and _sums_to_one(fast)
     assert _agreement(fast, exact) >= 0.90
     assert (fast.double() - exact).abs().mean() < 0.05
     if kind == "dominant":  # both keep the dominant class everywhere
@@ -153,7 +166,12 @@ def test_the_row_hash_builds_the_same_lattice(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(crf, "_hash_vertices", crf._hash_rows)
     rows = Permutohedral(f)
     assert packed.m == rows.m
-    torch.testing.assert_close(packed.filter(v), rows.filter(v), rtol=1e-5, atol=1e-6)
+    # non-negative values and weights throughout: each output sums <= N splatted terms, is blurred d + 1
+    # times (2 roundings each) and sliced from d + 1 terms, so it is within gamma(N + 4(d + 1)) of the exact
+    # filter, relative, whatever the order the lattice's points are in; the two within twice that of each
+    # other (measured: equal, both hashes sort the points the same way)
+    n, d = f.shape
+    torch.testing.assert_close(packed.filter(v), rows.filter(v), rtol=2 * gamma(n + 4 * (d + 1)), atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
@@ -184,7 +202,7 @@ def test_output_is_float32_probabilities_for_any_float_input() -> None:
         probs = _noisy_probs(labels, 3, signal=1.0, noise=1.0).to(dtype)
         out = dense_crf(probs, image, CRFParams(iterations=2))
         assert out.dtype == torch.float32 and out.shape == (3, 10, 12)
-        assert torch.allclose(out.sum(0), torch.ones(()), atol=1e-5)
+        assert _sums_to_one(out)
 
 
 GOOD_PROBS = torch.full((3, 6, 7), 1 / 3)

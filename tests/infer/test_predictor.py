@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import REPO
+from numerics import U32, chain_error_bound, gamma, resize_error_bound, softmax_error_bound
 from torch import nn
 
 from dist_seg.checkpoint import save_checkpoint
@@ -21,6 +21,49 @@ from dist_seg.infer.predictor import Predictor, SlideWindow, load_models
 from dist_seg.models import build_model
 
 CPU = torch.device("cpu")
+
+
+# Tolerances: every probability is compared with a float64 reference under a bound derived from the float32
+# arithmetic (tests/numerics.py): chain_error_bound for the convolutions (any kernel, any padding or batch),
+# softmax_error_bound for the softmax, resize_error_bound for the antialiased resize, and a gamma term for
+# each average the Predictor takes. A wrong view, scale, flip, window or average moves probabilities by far
+# more than these bounds (1e-6 to 1e-4 of a probability).
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [model.conv, *model.head] if isinstance(model, _FlipEquivariant) else list(model)
+
+
+def _probs64(
+    model: nn.Module, x: torch.Tensor, x_err: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 probabilities of the model on x, and a componentwise bound on any float32 evaluation of them
+    (x_err: a bound on the float32 input's own error)."""
+    z, e = chain_error_bound(_layers(model), x, x_err)
+    return softmax_error_bound(z, e)
+
+
+def _within(got: torch.Tensor, ref64: torch.Tensor, bound: torch.Tensor) -> None:
+    err = (got.double() - ref64).abs()
+    assert (err <= bound).all(), f"error / bound up to {float((err / bound).max()):.3g}"
+
+
+def _view_probs64(
+    model: nn.Module, x: torch.Tensor, scale: float, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One TTA view as the Predictor takes it: resize by `scale`, flip, probabilities, flip back, resize back;
+    float64, with the bound carried through each step (a flip moves values, exactly)."""
+    h, w = x.shape[-2:]
+    size = (round(h * scale), round(w * scale))
+    xs, xe = x.double(), torch.zeros_like(x, dtype=torch.float64)
+    if size != (h, w):
+        xs, xe = resize_error_bound(xs, xe, size)
+    if flip:
+        xs, xe = xs.flip(-1), xe.flip(-1)
+    p, pb = _probs64(model, xs, xe)
+    if flip:
+        p, pb = p.flip(-1), pb.flip(-1)
+    if size != (h, w):
+        p, pb = resize_error_bound(p, pb, (h, w))
+    return p, pb
 
 
 # ---------------------------------------------------------------------------------------------- TTA exactness
@@ -50,10 +93,17 @@ def test_padding_is_cropped_back_and_flip_tta_changes_nothing_for_an_equivariant
     plain = Predictor(model, torch.device("cpu"))(x)
     assert model.seen == [(64, 96)]  # padded to the model's constraints ...
     assert plain.shape == (2, 5, 50, 70)  # ... and cropped back
-    with torch.inference_mode():  # the bottom/right padding (0) reads like the conv's own zero padding
-        torch.testing.assert_close(plain, model(x).softmax(1), rtol=0, atol=1e-6)
+    # the bottom/right padding (0) reads like the conv's own zero padding: the padded run and the model on
+    # the unpadded input have the same exact values, so both lie within the same bound of them
+    p64, b = _probs64(model, x)
+    _within(plain, p64, b)
+    with torch.inference_mode():
+        _within(model(x).softmax(1), p64, b)
     flipped = Predictor(model, torch.device("cpu"), flip=True)(x)
-    torch.testing.assert_close(flipped, plain, rtol=0, atol=1e-6)
+    # the mirrored view's exact probabilities are the plain ones (the kernels are exactly symmetric in
+    # float32: fl((a + b)/2) == fl((b + a)/2)), so it is within b of p64 too; the Predictor averages the two
+    # views with one rounded addition (u |p1 + p2|) and an exact halving
+    _within(flipped, p64, b * (1 + 2 * U32) + U32 * p64)
     assert torch.equal(flipped.argmax(1), plain.argmax(1))
 
 
@@ -63,14 +113,11 @@ def test_scale_tta_averages_probabilities_resized_to_the_input() -> None:
     x = torch.randn(3, 3, 40, 56)
     scales = (0.5, 1.0, 1.5)
     got = Predictor(model, torch.device("cpu"), scales=scales)(x)
-    ref = torch.zeros(3, 4, 40, 56)
-    with torch.inference_mode():
-        for s in scales:
-            size = (round(40 * s), round(56 * s))
-            xs = F.interpolate(x, size=size, mode="bilinear", antialias=True) if s != 1 else x
-            p = model(xs).softmax(1)
-            ref += F.interpolate(p, size=(40, 56), mode="bilinear", antialias=True) if s != 1 else p
-    torch.testing.assert_close(got, ref / 3, rtol=0, atol=1e-6)
+    views = [_view_probs64(model, x, s, flip=False) for s in scales]
+    tot, totb = sum(p for p, _ in views), sum(pb for _, pb in views)
+    # three views, each within its bound: two rounded additions and a division by 3, gamma(3) of the sum of
+    # the computed views (<= tot + totb); gamma(4) covers that and the float64 reference's division
+    _within(got, tot / 3, totb / 3 * (1 + gamma(4)) + gamma(4) * tot / 3)
     with pytest.raises(ValueError, match="needs --tta scales"):
         parse_tta("flip", (0.5, 1.0))
     assert parse_tta("flip,scales", None) == (True, (0.75, 1.0, 1.25))
@@ -109,23 +156,33 @@ def test_overlapping_windows_average_their_probabilities() -> None:
     model = _FlipEquivariant(classes=3)
     x = torch.randn(2, 3, 40, 56)
     got = Predictor(model, CPU, slide=SlideWindow(24, 16))(x)
-    total, count = torch.zeros(2, 3, 40, 56), torch.zeros(40, 56)
-    with torch.inference_mode():
-        for y in (0, 16):
-            for x0 in (0, 16, 32):
-                crop = F.pad(x[..., y : y + 24, x0 : x0 + 24], (0, 64 - 24, 0, 64 - 24))  # min_size 64
-                total[..., y : y + 24, x0 : x0 + 24] += model(crop)[..., :24, :24].softmax(1)
-                count[y : y + 24, x0 : x0 + 24] += 1
+    total64, totalb = (torch.zeros(2, 3, 40, 56, dtype=torch.float64) for _ in range(2))
+    count = torch.zeros(40, 56, dtype=torch.float64)
+    for y in (0, 16):
+        for x0 in (0, 16, 32):
+            # each window is padded to 64x64 (min_size) with zeros, which read like the conv's own padding
+            p, pb = _probs64(model, x[..., y : y + 24, x0 : x0 + 24])
+            total64[..., y : y + 24, x0 : x0 + 24] += p
+            totalb[..., y : y + 24, x0 : x0 + 24] += pb
+            count[y : y + 24, x0 : x0 + 24] += 1
     assert count.min() >= 1 and count.max() == 4
-    torch.testing.assert_close(got, total / count, rtol=0, atol=1e-6)
-    assert not torch.allclose(got, Predictor(model, CPU)(x), atol=1e-4)  # windows see less context
-    pointwise = _pointwise()  # no context at all: windows change nothing
-    torch.testing.assert_close(
-        Predictor(pointwise, CPU, slide=SlideWindow(24, 16))(x),
-        Predictor(pointwise, CPU)(x),
-        rtol=0,
-        atol=1e-6,
+    # a pixel's <= 4 window values, each within its bound, summed into zeros (<= 3 rounded additions) and
+    # divided by the exact count: gamma(4) of the computed sum; gamma(5) also covers the float64 division
+    ref64 = total64 / count
+    bw = totalb / count * (1 + gamma(5)) + gamma(5) * ref64
+    _within(got, ref64, bw)
+    # windows see less context: somewhere they differ from the whole image by more than both bounds, so
+    # their exact values differ (not just their rounding)
+    whole = Predictor(model, CPU)(x)
+    whole64, wb = _probs64(model, x)
+    _within(whole, whole64, wb)
+    assert ((got.double() - whole.double()).abs() > bw + wb).any()
+    pointwise = _pointwise()  # no context at all: windows change nothing but the rounding of the average
+    p64, pb = _probs64(pointwise, x)
+    _within(
+        Predictor(pointwise, CPU, slide=SlideWindow(24, 16))(x), p64, pb * (1 + gamma(5)) + gamma(5) * p64
     )
+    _within(Predictor(pointwise, CPU)(x), p64, pb)
 
 
 # ---------------------------------------------------------------------------------------------- ensembles
@@ -138,9 +195,19 @@ def test_an_ensemble_averages_each_models_tta_probabilities_one_model_at_a_time(
     kw = {"flip": True, "scales": (1.0, 0.5)}
     got = Predictor([a, b], CPU, **kw)(x)
     assert calls == ["a"] * 4 + ["b"] * 4  # every view of one model before the next model starts
-    ref = (Predictor(a, CPU, **kw)(x) + Predictor(b, CPU, **kw)(x)) / 2
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got.sum(1), torch.ones(2, 40, 56), rtol=0, atol=1e-5)
+    refs, bounds = [], []
+    for model in (a, b):
+        views = [_view_probs64(model, x, s, flip) for s in (1.0, 0.5) for flip in (False, True)]
+        refs.append(sum(p for p, _ in views) / 4)
+        bounds.append(sum(pb for _, pb in views) / 4)
+    ref64 = (refs[0] + refs[1]) / 2
+    # per model: 4 views (3 rounded additions, an exact division by 4); then 2 models (1 addition, exact
+    # halving): gamma(4) of the computed sums, gamma(6) with the float64 reference's own roundings
+    bound = (bounds[0] + bounds[1]) / 2 * (1 + gamma(6)) + gamma(6) * ref64
+    _within(got, ref64, bound)
+    # the 4 class probabilities sum to 1 within their bounds and the float32 sum's rounding (gamma(3) of a
+    # sum <= 1 + its bound; gamma(4) also covers the float64 reference's sum)
+    _within(got.sum(1), torch.ones(2, 40, 56, dtype=torch.float64), bound.sum(1) * (1 + gamma(4)) + gamma(4))
 
 
 def _checkpoint(path: Path, name: str, width: float, classes: list[str], *overrides: str) -> Path:

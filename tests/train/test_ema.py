@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch_utils import REPO
+from numerics import ema_lerp_error_bound
 from torch import nn
 
 from dist_seg.checkpoint import load_checkpoint
@@ -34,6 +35,7 @@ def test_ema_matches_a_float64_reference_on_large_weights_with_tiny_steps() -> N
             p.add_(1000.0)
     ema = WeightEMA(net, decay=0.99)
     ref = {n: p.detach().double().clone() for n, p in net.named_parameters()}
+    bound = {n: torch.zeros_like(r) for n, r in ref.items()}
     gen = torch.Generator().manual_seed(1)
     for n_updates in range(30):
         with torch.no_grad():
@@ -41,17 +43,22 @@ def test_ema_matches_a_float64_reference_on_large_weights_with_tiny_steps() -> N
                 p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
         net[1].running_mean.add_(0.5)  # what a training forward does to the buffers
         d = min(0.99, (1 + n_updates) / (10 + n_updates))
-        assert ema.current_decay() == pytest.approx(d)
+        assert ema.current_decay() == d  # the same Python float expression
         ema.update(net)
         for n, p in net.named_parameters():
+            bound[n] = ema_lerp_error_bound(bound[n], ref[n], p.detach().double(), 1 - d)
             ref[n] += (1 - d) * (p.detach().double() - ref[n])
     got = dict(ema.module.named_parameters())
+    weights = dict(net.named_parameters())
     for n, r in ref.items():
-        # float32 spacing at 1000 is 6e-5: the average must be within a few ulps, not off by the step sizes
-        torch.testing.assert_close(got[n].double(), r, rtol=0, atol=2e-4, msg=n)
-        assert not torch.allclose(
-            got[n].double(), dict(net.named_parameters())[n].double(), rtol=0, atol=1e-4
-        )
+        # per element, within the rounding the float32 lerp can accumulate over the 30 updates (numerics.py:
+        # each update rounds the result, u|ema| = 6e-5 at 1000, and scales the carried error by its decay).
+        # The steps are ~1e-3: an update that lost them to cancellation, or averaged the wrong way, is off
+        # by more. Measured: 0.30 of the bound at most (the bound reaches 2.4e-4, above the old atol 2e-4).
+        err = (got[n].double() - r).abs()
+        assert (err <= bound[n]).all(), (n, float((err / bound[n]).max()))
+        # ... and it is an average, not the weights: somewhere it differs from them beyond that rounding
+        assert ((got[n].double() - weights[n].double()).abs() > bound[n]).any(), n
     # buffers are copies of the model's, never averages
     assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
     assert torch.equal(ema.module[1].num_batches_tracked, net[1].num_batches_tracked)

@@ -1,6 +1,7 @@
 """Run under torchrun: the optimizer built from distributed.prepare_model's result holds exactly the
 prepared model's trainable parameters, including the BatchNorm weights the CPU SyncBN converter replaced."""
 
+import gc
 import sys
 
 import torch
@@ -30,4 +31,8 @@ try:
     print(f"rank {world.rank}: {'OK' if not bad else 'MISMATCH ' + ','.join(bad)}", flush=True)
     sys.exit(1 if bad else 0)
 finally:
+    # the DDP model (kept alive by reference cycles) holds the gloo process group: collect it while the
+    # interpreter is whole, or gloo's threads may be torn down during finalisation (std::terminate at exit)
+    model = opt = None
+    gc.collect()
     D.cleanup()

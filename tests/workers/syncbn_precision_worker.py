@@ -1,18 +1,35 @@
 """Run under torchrun: CpuSyncBatchNorm in float32 and bf16 against a float64 reference, on inputs that break a one-pass
 E[x^2] - E[x]^2 variance (large mean, small spread, few values per channel).
 
-For each case, every rank normalises its slice of a float32 batch; the float64 reference is plain BatchNorm over
-the whole batch in float64. The error must be as small as torch's own BatchNorm at the same precision on the whole batch
-(within a factor, plus a floor for values that are exactly representable). Prints one line per case and rank.
+For each case, every rank normalises its slice of a float32 batch. Every value (output, input gradient, running
+mean and variance) is compared, element by element, with the float64 formula under numerics.bn_train_error_bounds:
+the rounding a float32 BatchNorm step can do whatever its reduction order or rank count (derived there, with its one
+stated assumption: statistics as accurate as the two-pass algorithm). bf16 cases add the final rounding of the
+output and the input gradient to bf16: UBF16 (|ref| + bound). torch's own BatchNorm at the same precision over the
+whole batch must satisfy the same bounds, which cross-checks them. Measured (ours / torch's, error / bound): fc_1x1
+0.079 / 0.146, one_value_per_rank 0.215 / 0.215, bf16_fc 0.936 / 0.936 (bf16's output rounding, attained: bf16
+keeps 8 bits).
+
+Where the statistics' any-order error bound is not small against the variance, no bound exists for what goes
+through 1/sqrt(var + eps), the output and the input gradient (the helper returns inf there): the two conv maps
+(n = 200,704 and 12,544 values per channel at mean 30, std 0.5: gamma(2n) mean|x| is 1.4 and 0.09 standard
+deviations) and two channels of uneven_means_per_channel (means 1e4 and -300 against spreads 0.1 and 3e-3). There
+the check is relative to torch's own BatchNorm on the same values: e_ours <= 4 e_torch (a one-pass
+E[x^2] - E[x]^2 measured 4 orders of magnitude worse than torch). The running statistics, linear in the
+statistics' errors, keep their bounds everywhere. Prints one line per case, quantity and rank.
 """
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dist_seg.runtime import distributed as D
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/numerics.py
+from numerics import UBF16, bn_train_error_bounds  # noqa: E402
 
 # (name, full batch shape, channel mean, channel std): the second is fc6/fc7 of DeconvNet at 224 px (a 1x1
 # map: the statistics of a channel come from one value per image)
@@ -44,6 +61,10 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).abs().max())
 
 
+def max_used(a: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> float:
+    return float(((a.double() - ref).abs() / bound).max())
+
+
 def run_case(
     name: str, shape: tuple[int, ...], mean: float | None, std: float | None, dtype: torch.dtype
 ) -> list[str]:
@@ -53,11 +74,8 @@ def run_case(
     gout = torch.randn(shape, generator=g).to(dtype)
     c = shape[1]
 
-    # float64 reference over the whole batch
-    ref = nn.BatchNorm2d(c, momentum=0.3).double()
-    x64 = full.double().requires_grad_(True)
-    y64 = ref(x64)
-    y64.backward(gout.double())
+    # float64 reference over the whole batch, and the bounds (a fresh BatchNorm: weight 1, bias 0, eps 1e-5)
+    bounds = bn_train_error_bounds(full.float(), torch.ones(c), torch.zeros(c), gout.float(), 1e-5, 0.3)
 
     # torch's own BatchNorm (float32 parameters) on the same inputs over the whole batch: the accuracy to match
     tbn = nn.BatchNorm2d(c, momentum=0.3)
@@ -74,16 +92,28 @@ def run_case(
     assert y.dtype == dtype and x.grad.dtype == dtype
 
     bad = []
-    for what, ours, torch_fp32, reference, floor in [
-        ("output", y.detach(), yt.detach()[part], y64.detach()[part], 1e-5),
-        ("input_grad", x.grad, xt.grad[part], x64.grad[part], 1e-5),
-        ("running_mean", bn.running_mean, tbn.running_mean, ref.running_mean, 1e-6),
-        ("running_var", bn.running_var, tbn.running_var, ref.running_var, 1e-6),
+    for what, ours, torch_own in [
+        ("output", y.detach(), yt.detach()[part]),
+        ("input_grad", x.grad, xt.grad[part]),
+        ("running_mean", bn.running_mean, tbn.running_mean),
+        ("running_var", bn.running_var, tbn.running_var),
     ]:
-        e_ours, e_torch = max_err(ours, reference), max_err(torch_fp32, reference)
-        scale = float(reference.abs().max()) or 1.0
-        ok = e_ours <= 4 * e_torch + floor * max(1.0, scale)
-        print(f"rank {rank} {name} {what}: ours {e_ours:.3g} torch {e_torch:.3g}", flush=True)
+        reference, bound = bounds[what]
+        if what in ("output", "input_grad"):
+            reference, bound = reference[part], bound[part]
+            if dtype == BF16:  # computed in float32, then rounded to bf16
+                bound = bound + UBF16 * (reference.abs() + bound)
+        used_ours, used_torch = max_used(ours, reference, bound), max_used(torch_own, reference, bound)
+        ok = used_ours <= 1 and used_torch <= 1
+        line = f"rank {rank} {name} {what}: error / bound: ours {used_ours:.3g} torch {used_torch:.3g}"
+        unbounded = torch.isinf(bound)
+        # the channels without a bound: as accurate as torch's BatchNorm (see the docstring)
+        if unbounded.any():
+            e_ours = max_err(ours[unbounded], reference[unbounded])
+            e_torch = max_err(torch_own[unbounded], reference[unbounded])
+            ok = ok and e_ours <= 4 * e_torch
+            line += f"; unbounded channels' max error: ours {e_ours:.3g} torch {e_torch:.3g}"
+        print(line, flush=True)
         if not ok:
             bad.append(what)
     return bad
