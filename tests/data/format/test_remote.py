@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from dist_seg.data.format.remote import RemoteOptions, redact
 from dist_seg.data.format.shards import ShardError, resolve_shards
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.data.loading.train_loader import build_train_loader
+from dist_seg.runtime.preemption import StopRequest
 from dist_seg.train.tensorboard import read_scalars
 
 
@@ -333,3 +335,30 @@ def test_two_process_torchrun_trains_and_evaluates_from_http(server, tiny_shards
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list(pred.glob("*.png"))) == 7
+
+
+def test_loader_workers_reading_urls_outlive_a_stop_signal(server, tiny_shards) -> None:
+    """Shards over HTTP (fsspec and aiohttp running in each loader worker) with a stop signal sent to the
+    workers from outside mid-pass, as torchrun and SLURM deliver it: the pass goes on to its end with the
+    batches an undisturbed pass yields (the rank then checkpoints at its step boundary)."""
+    spec = url(server, tiny_shards, "train4")
+    want = [
+        keys for keys, _, _ in batches(build_train_loader(cfg(train_shards=spec, num_workers=2), 0, 1, 0))
+    ]
+    stop = StopRequest([signal.SIGTERM, signal.SIGUSR1])
+    try:
+        loader = build_train_loader(cfg(train_shards=spec, num_workers=2), 0, 1, seed=0)
+        loader.set_epoch(0)
+        it = iter(loader)
+        got = [next(it).keys]
+        children = subprocess.run(
+            ["pgrep", "-P", str(os.getpid())], capture_output=True, text=True, timeout=30
+        )
+        workers = children.stdout.split()
+        assert len(workers) == 2, children.stdout  # the loader's two workers
+        for sig in ("TERM", "USR1"):  # from another process, not the workers' parent
+            subprocess.run(["kill", f"-{sig}", *workers], check=True, timeout=30)
+        got += [b.keys for b in it]
+    finally:
+        stop.close()
+    assert got == want and not stop.requested
