@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from servers import ShardServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -100,3 +102,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if E2E in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def server(tiny_shards: dict[str, Path]) -> Iterator[ShardServer]:
+    """An HTTP server over the tiny shard directories: URL(name) is dataset `name`'s shard directory."""
+    root = tiny_shards["train4"].parent.parent
+    with ShardServer(root) as srv:
+        yield srv

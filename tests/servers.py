@@ -150,3 +150,8 @@ def moto_server() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def url(srv: ShardServer, tiny_shards: dict[str, Path], name: str) -> str:
+    """The URL of tiny shard set `name` on `srv` (serving the tiny shards' parent directory)."""
+    return srv.url(str(tiny_shards[name].relative_to(srv.root)))

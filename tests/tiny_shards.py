@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dist_seg.config.schema import DataConfig
@@ -132,3 +133,15 @@ def epoch_keys(loader, epoch: int) -> tuple[int, list[str]]:
         steps += 1
         keys += b.keys
     return steps, keys
+
+
+def batches(loader, epoch: int = 0) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return [(b.keys, b.images.clone(), b.masks.clone()) for b in loader]
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b) > 0
+    for (ka, ia, ma), (kb, ib, mb) in zip(a, b, strict=True):
+        assert ka == kb
+        assert torch.equal(ia, ib) and torch.equal(ma, mb)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from launch_utils import REPO, torchrun
 from tiny_shards import cfg, epoch_keys, tar_keys
 
 from dist_seg.data.format.manifest import read_manifest
@@ -74,34 +72,6 @@ def test_persistent_workers_follow_set_epoch(data: dict[str, Path]) -> None:
 
 
 # ---------------------------------------------------------------- training, real 2-process torchrun
-@pytest.mark.slow
-def test_torchrun_two_ranks_two_workers_unequal_shards(data: dict[str, Path], tmp_path: Path) -> None:
-    train_spec = f"{data['u5']},{data['u13']},{data['u19']}"
-    evals = [str(data[f"eval{n}"]) for n in (1, 2, 5)]
-    out = tmp_path / "seen.json"
-    args = [str(REPO / "tests" / "workers" / "stream_worker.py"), "--train", train_spec, "--out", str(out)]
-    for spec in evals:
-        args += ["--eval", spec]
-    proc = torchrun(args, nproc=2, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (
-        "3 shard(s) for 2 ranks x 2 workers" in proc.stderr
-    )  # fewer shards than readers: warned, still works
-    ranks = json.loads(out.read_text())
-    steps = 37 // (2 * 2)
-    assert [r["steps_per_epoch"] for r in ranks] == [steps, steps]
-    all_train = set(tar_keys(data["u5"]) + tar_keys(data["u13"]) + tar_keys(data["u19"]))
-    for epoch in range(2):
-        assert [r["epochs"][epoch]["steps"] for r in ranks] == [steps, steps]
-        keys = ranks[0]["epochs"][epoch]["keys"] + ranks[1]["epochs"][epoch]["keys"]
-        assert len(keys) == len(set(keys)) == steps * 4 and set(keys) <= all_train
-    assert ranks[0]["epochs"][0]["keys"] != ranks[0]["epochs"][1]["keys"]
-    for spec in evals:
-        got = collections.Counter(ranks[0]["eval"][spec] + ranks[1]["eval"][spec])
-        assert got == collections.Counter(tar_keys(Path(spec)))
-        assert sum(got.values()) == read_manifest(spec)["total_samples"]
-
-
 # ---------------------------------------------------------------- evaluation
 @pytest.mark.parametrize("n_shards", [1, 2, 5])
 def test_eval_sees_every_sample_exactly_once(data: dict[str, Path], n_shards: int) -> None:
