@@ -1,4 +1,5 @@
-"""Start real `torchrun` jobs from tests: free ports, a bounded wall time, output captured."""
+"""Start real `torchrun` jobs from tests: free ports, a bounded wall time, output captured; and find a job's
+processes in /proc (its agent, ranks and their loader workers, each in its own session under torchrun)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,25 @@ def torchrun(
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tagged_processes(var: str, value: str) -> dict[int, dict[str, str]]:
+    """pid -> environment of every live process whose environment has `var`=`value`: a test starts a job with
+    a tag in its environment, and every process it starts inherits it (zombies have an empty environment)."""
+    found = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+        env = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+        if env.get(var) == value:
+            found[pid] = env
+    return found
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of `pid`, from /proc/PID/stat (the field after the state, past the command name)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])

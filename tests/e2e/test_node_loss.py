@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from launch_utils import REPO, free_port
+from launch_utils import REPO, free_port, parent_pid, tagged_processes
 
 from dist_seg.checkpoint import load_checkpoint
 
@@ -33,24 +33,16 @@ def _children(pid: int) -> list[int]:
     out = []
     for p in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
-            stat = Path(f"/proc/{p}/stat").read_text()
+            if parent_pid(p) == pid:
+                out.append(p)
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            out.append(p)
     return out
 
 
 def _tagged(tag: str) -> list[int]:
     """Every live process whose environment carries this test's tag (agents, workers, loader workers)."""
-    found = []
-    for p in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            if f"{TAG}={tag}".encode() in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
-                found.append(p)
-        except OSError:
-            continue
-    return found
+    return list(tagged_processes(TAG, tag))
 
 
 def _killpg(pid: int) -> None:

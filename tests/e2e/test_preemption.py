@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_utils import REPO, free_port, torchrun
+from launch_utils import REPO, free_port, parent_pid, tagged_processes, torchrun
 
 from dist_seg.checkpoint import load_checkpoint
 from dist_seg.config.schema import DataConfig, ModelConfig
@@ -91,22 +91,8 @@ def _proc_file(pid: int, name: str) -> bytes:
 
 
 def _job_processes(tag: str) -> dict[int, dict[str, str]]:
-    """pid -> environment of every live process of the job `tag` (zombies have an empty environment)."""
-    found = {}
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            pairs = (item.split(b"=", 1) for item in _proc_file(pid, "environ").split(b"\0") if b"=" in item)
-            env = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        if env.get(TAG) == tag:
-            found[pid] = env
-    return found
-
-
-def _parent(pid: int) -> int:
-    stat = _proc_file(pid, "stat").decode()
-    return int(stat[stat.rindex(")") + 2 :].split()[1])  # the field after the state, past the command name
+    """pid -> environment of every live process of the job `tag`."""
+    return tagged_processes(TAG, tag)
 
 
 def _describe(pids: Iterable[int]) -> str:
@@ -129,7 +115,7 @@ def _deliver(how: str, agent: subprocess.Popen, tag: str, sig: signal.Signals) -
     processes = _job_processes(tag)
     if how == "rank":
         ranks = [
-            pid for pid, env in processes.items() if env.get("RANK") == "1" and _parent(pid) == agent.pid
+            pid for pid, env in processes.items() if env.get("RANK") == "1" and parent_pid(pid) == agent.pid
         ]
         assert len(ranks) == 1, _describe(processes)
         os.kill(ranks[0], sig)
@@ -322,7 +308,7 @@ def test_slurm_script_requeues_after_the_time_limit_signal(tiny_shards, tmp_path
     agent = []
 
     def to_the_step() -> None:  # the batch shell is not signalled: --signal without B: spares it
-        agent.append(next(pid for pid in _job_processes(tag) if _parent(pid) == proc.pid))
+        agent.append(next(pid for pid in _job_processes(tag) if parent_pid(pid) == proc.pid))
         for pid in _job_processes(tag):
             if pid != proc.pid:
                 os.kill(pid, signal.SIGUSR1)
