@@ -28,21 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from synthetic_shards import synthetic_shards  # noqa: E402
+
 from dist_seg.config.schema import DataConfig  # noqa: E402
 from dist_seg.data.loading.train_loader import DataPosition, build_train_loader  # noqa: E402
-from dist_seg.data.prep.convert import ConvertOptions, convert  # noqa: E402
-from dist_seg.data.prep.synth.dataset import generate  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.5, 0.9)
-
-
-def _shards(root: Path, images: int) -> Path:
-    generate(root / "synth", images=images, val_images=0, size=224, seed=0)
-    out = root / "shards"
-    convert(
-        ConvertOptions(str(root / "synth/train.json"), str(root / "synth/images"), str(out), progress=False)
-    )
-    return out
 
 
 def _first_batch(loader, start_batch: int, replay: bool) -> float:
@@ -68,7 +59,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        shards = _shards(Path(tmp), args.images)
+        shards = synthetic_shards(Path(tmp), args.images)
         cfg = DataConfig(
             train_shards=str(shards), crop_size=224, batch_size=args.batch_size, num_workers=args.workers,
             shuffle_buffer=args.shuffle_buffer, pin_memory=False,

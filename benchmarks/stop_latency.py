@@ -37,9 +37,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from synthetic_shards import synthetic_shards  # noqa: E402
+
 from dist_seg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from dist_seg.data.prep.convert import ConvertOptions, convert  # noqa: E402
-from dist_seg.data.prep.synth.dataset import generate  # noqa: E402
 
 RECIPE = [
     "model.width_mult=0.125", "data.crop_size=224", "data.batch_size=2", "data.num_workers=2",
@@ -47,15 +47,6 @@ RECIPE = [
     "train.log_every=1",
 ]  # fmt: skip
 TAG = "DIST_SEG_STOP_LATENCY"  # environment variable marking the processes of the job
-
-
-def _shards(root: Path, images: int) -> Path:
-    generate(root / "synth", images=images, val_images=0, size=224, seed=0)
-    out = root / "shards"
-    convert(
-        ConvertOptions(str(root / "synth/train.json"), str(root / "synth/images"), str(out), progress=False)
-    )
-    return out
 
 
 def _job_processes(tag: str) -> list[int]:
@@ -153,7 +144,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="more config overrides (after --)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.data or _shards(Path(tmp), args.images)
+        shards = args.data or synthetic_shards(Path(tmp), args.images)
         runs = [_one_run(shards, Path(tmp) / f"run{i}", args) for i in range(args.repeat)]
         rewrite = _write_alone(Path(tmp) / "run0" / "last.pt")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
