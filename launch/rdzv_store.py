@@ -14,11 +14,10 @@ Ctrl-C once the job is over. Tested by tests/e2e/test_node_loss.py.
 from __future__ import annotations
 
 import argparse
-import datetime
 import signal
 import sys
 
-import torch.distributed as dist
+from dist_seg.runtime import distributed as D
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    store = dist.TCPStore(  # noqa: F841  (kept alive until the signal)
-        "0.0.0.0",
-        args.port,
-        is_master=True,
-        multi_tenant=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    store = D.rendezvous_store_server(args.port)  # noqa: F841  (serves while it lives)
     print(f"c10d rendezvous store listening on port {args.port}", flush=True)
     while stop["sig"] is None:
         signal.pause()

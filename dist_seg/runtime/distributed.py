@@ -79,6 +79,19 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> W
     return World(rank, local_rank(), world, device, backend)
 
 
+def rendezvous_store_server(port: int, timeout_s: int = 60) -> dist.TCPStore:
+    """A c10d TCPStore server on every interface at `port`, for torchrun's rendezvous run off the training
+    nodes (launch/rdzv_store.py); it serves while the returned object lives."""
+    return dist.TCPStore(
+        "0.0.0.0",
+        port,
+        is_master=True,
+        multi_tenant=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
