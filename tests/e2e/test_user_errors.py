@@ -27,7 +27,7 @@ def test_bad_names_and_paths_are_one_line_each_before_the_rendezvous(tmp_path: P
     args = [
         "-m", "dist_seg.train", "--config", "configs/cpu_small.yaml", "model.name=nosuch",
         f"data.train_shards={shards}", f"model.pretrained={weights}", f"loss.class_weights={classw}",
-        f"train.out_dir={tmp_path / 'run'}",
+        f"train.out_dir={tmp_path / 'run'}", "data.num_workers=2",  # as real runs: refused before any loader
     ]  # fmt: skip
     start = time.monotonic()
     r = torchrun(args, nproc=2, timeout=150)

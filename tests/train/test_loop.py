@@ -256,6 +256,7 @@ def test_a_stop_signal_during_an_evaluation_checkpoints_its_step_and_reports_not
         "data.crop_size=32",
         "train.max_steps=5",
         "train.eval_every=1",
+        "data.num_workers=1",  # loader workers, as every real run has: they must outlive the signal
     ]
     stop = StopRequest([signal.SIGUSR1])
     try:
