@@ -1,9 +1,12 @@
-"""Input pipeline throughput per loader worker: shards vs an on-the-fly COCO baseline vs the decode ceiling.
+"""Input pipeline throughput per loader worker: shards vs webdataset vs an on-the-fly COCO baseline vs the decode
+ceiling.
 
     python benchmarks/input_pipeline.py --dataset trashcan            # ../shared/data/trashcan_subset
     python benchmarks/input_pipeline.py --dataset synth --images 200  # polygon-rich 512x512 (dist_seg.data.prep.synth.dataset)
     python benchmarks/input_pipeline.py --dataset coco6 --repeat 40   # ../shared/data/icevision_coco6, repeated
     python benchmarks/input_pipeline.py --coco ANN.json --images DIR  # any COCO dataset
+    python benchmarks/input_pipeline.py --augment MODULE:FACTORY      # data.augment vs a plain Dataset
+                                                                      # (benchmarks/user_augment.py says what)
 
 Everything runs in this one process with one torch thread, which is what a DataLoader worker gets, so each
 figure is samples/s per worker (multiply by workers for a rank's ceiling on free cores). Measured in one run:
@@ -17,11 +20,16 @@ figure is samples/s per worker (multiply by workers for a rank's ceiling on free
   (b-tv) the baseline decoding with torchvision.io instead of PIL, to show what the decoder alone is worth
   (b0)   the baseline with transforms off
   (c)    decode-only ceiling: JPEG + PNG decode of the shard bytes already in memory, nothing else
+  (w)    the peer: webdataset.WebDataset over the same shards as its users write it (shard shuffle, a
+         shuffle buffer of data.shuffle_buffer samples, .decode, .map, .batched), with the same decoders
+         (torchvision.io; the label map as one channel) and the same train geometry per sample
+         (TrainTransform.apply into uint8 tensors, webdataset's collation stacking them)
+  (w-e2e) (w) plus the same device side on the CPU as (a-e2e): a / w and a-e2e / w-e2e compare the two
 Rates are samples per CPU second of this process (time.process_time), which other jobs on a shared machine
 barely move, unlike wall-clock time (printed alongside); the best of the passes is printed per line. Ratios
 are taken within each pass, between runs made next to each other, and their median over passes is reported.
 The last line is machine-readable: ratio_vs_baseline=(a/b) ratio_vs_decode=(a0/c) end_to_end_vs_baseline=
-(a-e2e/b), each the median over passes.
+(a-e2e/b) vs_webdataset=(a/w) end_to_end_vs_webdataset=(a-e2e/w-e2e), each the median over passes.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ sys.path.insert(0, str(REPO))
 from dist_seg.config.schema import DataConfig  # noqa: E402
 from dist_seg.data.format.reader import read_samples  # noqa: E402
 from dist_seg.data.format.shards import resolve_shards  # noqa: E402
+from dist_seg.data.loading.colour import colour_range, to_model_input  # noqa: E402
 from dist_seg.data.loading.train_loader import build_train_loader  # noqa: E402
 from dist_seg.data.loading.transforms import TrainTransform  # noqa: E402
 from dist_seg.data.prep.convert import ConvertOptions, convert  # noqa: E402
@@ -91,7 +100,7 @@ class CocoBaseline(Dataset):
 
 
 class _NoTransform:
-    def apply(self, image, mask, rng, out, out_mask):  # transforms off: the decoded sample is dropped
+    def apply(self, image, mask, rng, out, out_mask, *rest):  # transforms off: the decoded sample is dropped
         return torch.zeros(4, 3), (0, 0)
 
 
@@ -119,6 +128,42 @@ def run_baseline(ds: CocoBaseline, batch: int) -> int:
     )
     for images, masks in loader:
         masks.long()
+        n += images.shape[0]
+    return n
+
+
+def run_webdataset(urls: list[str], cfg: DataConfig, device_side: bool = False) -> int:
+    """The shards read by webdataset, as (w) in the module docstring says; the number of samples batched."""
+    import webdataset as wds
+
+    transform, rng, crop = TrainTransform(cfg), random.Random(0), cfg.crop_size
+    clip = colour_range(cfg.mean, cfg.std) if cfg.color_jitter > 0 else None
+
+    def image(data: bytes) -> torch.Tensor:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+
+    def label(data: bytes) -> torch.Tensor:
+        return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY)[0]
+
+    def augment(sample: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = torch.empty(3, crop, crop, dtype=torch.uint8)
+        out_mask = torch.empty(crop, crop, dtype=torch.uint8)
+        colour, size = transform.apply(*sample, rng, out, out_mask)
+        return out, out_mask, colour, torch.tensor(size)
+
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=len(urls), seed=0)
+        .shuffle(cfg.shuffle_buffer, rng=random.Random(0))
+        .decode(wds.handle_extension("seg.png", label), wds.handle_extension("jpg jpeg png", image))
+        .to_tuple("jpg;jpeg;png", "seg.png")
+        .map(augment)
+        .batched(cfg.batch_size, partial=False)
+    )
+    n = 0
+    for images, masks, colour, sizes in dataset:
+        if device_side:
+            to_model_input(images, colour, sizes, clip=clip)
+            masks.long()  # as TrainBatch.model_input does
         n += images.shape[0]
     return n
 
@@ -186,6 +231,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--passes", type=int, default=6)
+    p.add_argument("--augment", metavar="MODULE:FACTORY", help="data.augment vs a plain Dataset instead")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as t:
@@ -200,8 +246,16 @@ def main() -> None:
         cfg = DataConfig(
             train_shards=str(tmp / "shards"), crop_size=args.crop, batch_size=args.batch, num_workers=0
         )
+        if args.augment:  # the user-pipeline comparison, on the same shards (benchmarks/user_augment.py)
+            import user_augment
+
+            machine = f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+            about = [f"dataset: {name}: {n_img} images", f"{machine}; crop {args.crop}, batch {args.batch}"]
+            user_augment.main(args, cfg, tmp, [*about, f"best of {args.passes} passes"])
+            return
         blobs = []
-        for path in resolve_shards(cfg.train_shards).paths:
+        shard_paths = resolve_shards(cfg.train_shards).paths
+        for path in shard_paths:
             for raw in read_samples(path):
                 ext = next(e for e in ("jpg", "jpeg", "png") if e in raw.members)
                 blobs.append((raw.members[ext], raw.members["seg.png"]))
@@ -213,16 +267,18 @@ def main() -> None:
             "b-tv": lambda: run_baseline(CocoBaseline(ann, images, cfg, True, "tv"), args.batch),
             "b0": lambda: run_baseline(CocoBaseline(ann, images, cfg, False, "pil"), args.batch),
             "c": lambda: run_decode(blobs),
+            "w": lambda: run_webdataset(shard_paths, cfg),
+            "w-e2e": lambda: run_webdataset(shard_paths, cfg, device_side=True),
         }
         best: dict[str, float] = {}  # samples per CPU second
         best_wall: dict[str, float] = {}
-        ratios: dict[str, list[float]] = {"a/b": [], "a0/c": [], "a-e2e/b": []}
+        ratios: dict[str, list[float]] = {"a/b": [], "a0/c": [], "a-e2e/b": [], "a/w": [], "a-e2e/w-e2e": []}
         for fn in runs.values():  # warm-up: imports, page cache, pycocotools index
             fn()
         # each ratio's two terms run next to each other, in the opposite order on every other pass, and each
         # ratio is taken within a pass: this machine's speed drifts by +-20% over seconds, which a ratio of
         # two bests from different moments would carry; the median over passes is what the last line prints
-        order = ["a", "b", "a-e2e", "a0", "c", "b-tv", "b0"]
+        order = ["a", "w", "b", "a-e2e", "w-e2e", "a0", "c", "b-tv", "b0"]
         for i in range(args.passes):
             rate: dict[str, float] = {}
             for k in order if i % 2 == 0 else order[::-1]:
@@ -248,6 +304,8 @@ def main() -> None:
         "b-tv": "(b-tv) COCO baseline (torchvision.io), train transforms",
         "b0": "(b0) COCO baseline (PIL), transforms off",
         "c": "(c) decode only (JPEG + PNG)",
+        "w": "(w) webdataset.WebDataset, same decoders and geometry",
+        "w-e2e": "(w-e2e) webdataset, host + device side on this CPU",
     }
     for k, label in labels.items():
         print(f"{label:58s} {best[k]:8.1f} samples/s per worker  (wall clock: {best_wall[k]:6.1f})")
@@ -262,6 +320,7 @@ def main() -> None:
         print(f"{r} per pass: {' '.join(f'{x:.2f}' for x in v)}; median {med[r]:.2f}")
     print(
         f"ratio_vs_baseline={med['a/b']:.2f} ratio_vs_decode={med['a0/c']:.2f} end_to_end_vs_baseline={med['a-e2e/b']:.2f}"
+        f" vs_webdataset={med['a/w']:.2f} end_to_end_vs_webdataset={med['a-e2e/w-e2e']:.2f}"
     )
 
 

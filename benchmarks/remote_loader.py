@@ -1,16 +1,18 @@
-"""Training-loader throughput from local shards vs the same shards over HTTP (loopback) vs a warm local cache.
+"""Training-loader throughput from local shards vs the same shards over HTTP (loopback), from a server with and
+one without Range requests, vs a warm local cache.
 
     python benchmarks/remote_loader.py                      # ../shared/data/trashcan_subset (train, 240 images)
     python benchmarks/remote_loader.py --dataset synth      # 200 synthetic 512x512 images (dist-seg synth)
     python benchmarks/remote_loader.py --passes 5 --crop 512
 
 One loader process, one torch thread, data.num_workers=0: the figures are what one loader worker delivers.
-The HTTP server (tests/servers.py: Range requests, no faults) runs on 127.0.0.1 in a process of its own, as
-a remote server would (its time is not in the figures; on a 2-core machine it has the other core). Each pass reads one epoch of
+The HTTP servers (tests/servers.py, no faults: one answering Range requests, one ignoring them as
+`python -m http.server` does) run on 127.0.0.1 in a process of their own, as a remote server would (their time
+is not in the figures; on a 2-core machine they have the other core). Each pass reads one epoch of
 the training loader, built once per source (plan, ranged reads or tar seeks, per-sample sha256 check over HTTP, decode, the training
 transforms, batching); passes of the three sources are interleaved and the best wall-clock rate of each is
 kept. `--no-transform` drops the transforms, which makes the I/O share (and any overhead) largest.
-The last line is machine-readable: http_vs_local=... cache_vs_local=...
+The last line is machine-readable: http_vs_local=... http_no_range_vs_local=... cache_vs_local=...
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ SHARED = REPO.parent / "shared" / "data"
 
 
 class _NoTransform:
-    def apply(self, image, mask, rng, out, out_mask) -> None:
+    def apply(self, image, mask, rng, out, out_mask, *rest) -> None:
         pass
 
 
@@ -61,8 +63,8 @@ def one_pass(loader, epoch: int) -> tuple[int, float]:
 
 
 def _serve(root: str, port_out, stop) -> None:
-    with ShardServer(Path(root)) as server:
-        port_out.send(server.port)
+    with ShardServer(Path(root)) as server, ShardServer(Path(root), ranges=False) as no_range:
+        port_out.send((server.port, no_range.port))
         stop.wait()
 
 
@@ -104,10 +106,12 @@ def main() -> None:
         proc = ctx.Process(target=_serve, args=(str(tmp), send, stop), daemon=True)
         proc.start()
         try:
-            url = f"http://127.0.0.1:{recv.recv()}/shards"
+            port, no_range_port = recv.recv()
+            url = f"http://127.0.0.1:{port}/shards"
             sources = {
                 "local": DataConfig(train_shards=str(shards), **base),
                 "http": DataConfig(train_shards=url, **base),
+                "http-no-range": DataConfig(train_shards=f"http://127.0.0.1:{no_range_port}/shards", **base),
                 "cache": DataConfig(train_shards=url, cache_dir=str(tmp / "cache"), **base),
             }
             loaders = {name: make_loader(cfg, not a.no_transform) for name, cfg in sources.items()}
@@ -126,9 +130,11 @@ def main() -> None:
             f"{os.cpu_count()} cores"
         )
         for name, rate in best.items():
-            print(f"  {name:6s} {rate:8.1f} samples/s")
+            print(f"  {name:13s} {rate:8.1f} samples/s")
         print(
-            f"http_vs_local={best['http'] / best['local']:.3f} cache_vs_local={best['cache'] / best['local']:.3f}"
+            f"http_vs_local={best['http'] / best['local']:.3f} "
+            f"http_no_range_vs_local={best['http-no-range'] / best['local']:.3f} "
+            f"cache_vs_local={best['cache'] / best['local']:.3f}"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

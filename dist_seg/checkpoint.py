@@ -3,8 +3,9 @@
 This module is the one owner of the checkpoint layout: `training_checkpoint` writes it, `check_model`
 validates it, `restore_training` reads it back for resuming and `load_for_inference` for evaluation and
 prediction. Keys: model, optimizer, scheduler, scaler ({} without fp16), train_state, rng (one entry per
-rank), config, model_name, num_classes, class_names, and ema (train.ema_decay runs only: decay, updates and
-the averaged weights as a model state dict; see dist_seg.train.ema).
+rank), config, model_name, num_classes, class_names, ema (train.ema_decay runs only: decay, updates and
+the averaged weights as a model state dict; see dist_seg.train.ema), and run_key (the key by which a resume
+finds the run's MLflow and W&B runs again; see dist_seg.train.tracking).
 
 A checkpoint is written to a hidden temp file in the target's directory, flushed, fsynced and renamed over
 the target, then the directory is fsynced: a crash at any moment leaves either the old file or the new one,
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from dist_seg.config.schema import Config, ModelConfig, to_dict
+from dist_seg.data.format.urls import redacted_config
 from dist_seg.models import build_model, unwrap
 from dist_seg.runtime.rng_state import restore_rng_state, seed_rngs
 
@@ -254,10 +256,14 @@ def training_checkpoint(
     num_classes: int,
     class_names: list[str],
     ema: AveragedWeights | None = None,
+    run_key: str | None = None,
 ) -> dict[str, Any]:
     """Everything a run needs to resume (and evaluation/prediction to rebuild the model). `rng` holds every
-    rank's RNG state, in rank order, so that each rank restores its own."""
-    extra = {"ema": ema.state_dict()} if ema is not None else {}
+    rank's RNG state, in rank order, so that each rank restores its own; `run_key` is the run trackers'
+    key (rank 0's, which writes)."""
+    extra: dict[str, Any] = {"ema": ema.state_dict()} if ema is not None else {}
+    if run_key is not None:
+        extra["run_key"] = run_key
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -265,12 +271,18 @@ def training_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "train_state": train_state,
         "rng": rng,
-        "config": to_dict(cfg),
+        "config": to_dict(redacted_config(cfg)),  # URLs without credentials: a resume takes them afresh
         "model_name": cfg.model.name,
         "num_classes": num_classes,
         "class_names": class_names,
         **extra,
     }
+
+
+def run_key(ck: dict[str, Any]) -> str | None:
+    """The run trackers' key `training_checkpoint` stored (None in checkpoints written before there was one)."""
+    key = ck.get("run_key")
+    return str(key) if key else None
 
 
 def check_model(ck: dict[str, Any], path: Path, model_name: str, num_classes: int) -> None:

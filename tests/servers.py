@@ -1,10 +1,15 @@
 """Servers the remote-shard tests start and stop themselves, bound to 127.0.0.1 only.
 
 `ShardServer`: a threaded HTTP server over a directory that answers HEAD and GET with Range requests (206 and
-Content-Range, as CDNs and object stores do) and injects faults on request: reset the connection in the
-middle of a response (`reset`: file name -> how many responses to cut), flip one byte of a file on the wire
-(`corrupt`: name -> offset), answer 404 (`missing`), or stall after the headers (`stall`). It counts requests
-and body bytes per file, so tests can check that a reader fetched only its range.
+Content-Range, as CDNs and object stores do; with `ranges=False` it ignores them and sends the whole file, 200,
+as `python -m http.server` does) and injects faults on request: reset the connection in the middle of a
+response (`reset`: file name -> how many responses to cut), flip one byte of a file on the wire (`corrupt`:
+name -> offset), answer 404 (`missing`), or stall after the headers (`stall`). With `login` set it answers 401
+to a request without HTTP Basic credentials of that user (a token sent as the user name, any password). It
+counts requests and body bytes per file, so tests can check that a reader fetched only its range.
+
+`http_server_process(root)`: `python -m http.server` itself, a real process on 127.0.0.1 (no Range support, no
+Accept-Ranges), started and stopped with bounded waits.
 
 `moto_server()`: moto's ThreadedMotoServer, the S3-compatible server s3fs's own tests use, with the AWS_*
 variables s3fs and botocore read pointed at it.
@@ -12,12 +17,16 @@ variables s3fs and botocore read pointed at it.
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,9 +34,17 @@ from pathlib import Path
 STALL_S = 20.0  # longer than any client timeout the tests set; bounded so a failing test cannot hang
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that stops reading mid-response (a reader done with its run, a closed stream) is normal."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class ShardServer:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, ranges: bool = True):
+        self.root, self.ranges = root, ranges
+        self.login: str | None = None
         self.reset: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}
         self.missing: set[str] = set()
@@ -36,7 +53,7 @@ class ShardServer:
         self.body_bytes: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self.closing = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd = _QuietServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(
@@ -77,6 +94,15 @@ def _handler(server: ShardServer) -> type[BaseHTTPRequestHandler]:
             name = path.name
             with server.lock:
                 server.requests[rel] += 1
+            if (
+                server.login is not None
+                and _basic_login(self.headers.get("Authorization", "")) != server.login
+            ):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="shards"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if name in server.missing or not path.is_file() or ".." in rel:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -85,14 +111,15 @@ def _handler(server: ShardServer) -> type[BaseHTTPRequestHandler]:
             data = path.read_bytes()
             lo, hi = 0, len(data)
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-            if m:
+            if m and server.ranges:
                 lo, hi = int(m.group(1)), min(len(data), int(m.group(2)) + 1 if m.group(2) else len(data))
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
             else:
                 self.send_response(200)
             self.send_header("Content-Length", str(hi - lo))
-            self.send_header("Accept-Ranges", "bytes")
+            if server.ranges:
+                self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             if not body:
                 return
@@ -120,6 +147,49 @@ def _handler(server: ShardServer) -> type[BaseHTTPRequestHandler]:
                 server.body_bytes[rel] += len(chunk)
 
     return Handler
+
+
+def _basic_login(header: str) -> str | None:
+    """The user name of an HTTP Basic Authorization header, None for anything else."""
+    kind, _, value = header.partition(" ")
+    if kind.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value).decode().partition(":")[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def http_server_process(root: Path) -> Iterator[str]:
+    """`python -m http.server` over `root` on 127.0.0.1 and a free port, as a separate process; yields its
+    base URL. Waits at most 30 s for it to listen and 10 s for it to stop (then kills it)."""
+    with socket.socket() as s:  # a free port: http.server prints nothing parseable before it listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # it prints a traceback for every response a reader stops reading
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"python -m http.server did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @contextlib.contextmanager

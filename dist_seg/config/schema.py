@@ -10,6 +10,7 @@ Batch arithmetic: global batch = data.batch_size x world size x train.grad_accum
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ class DataConfig:
     train_shards: str | None = None
     """Shard directory (with manifest.json), several joined by commas, or a brace pattern
     `dir/shard-{000000..000009}.tar` (the manifest is read from the pattern's directory); each may be a URL
-    (`https://...`, `s3://bucket/prefix`, any fsspec protocol) instead of a local path."""
+    (`https://...`, `s3://bucket/prefix`, any fsspec protocol) instead of a local path; a URL's token (user
+    info, `?token=`, a signature) is used to read and redacted wherever the config is written."""
     val_shards: str | None = None
     """Same forms as `train_shards`; evaluated exactly once per sample across all ranks."""
     crop_size: int = 512
@@ -51,6 +53,11 @@ class DataConfig:
     """Probability of a horizontal flip (training)."""
     color_jitter: float = 0.2
     """Strength of brightness/contrast/saturation jitter (training); 0 disables."""
+    augment: str | None = None
+    """Your own augmentations: `package.module:factory` returning a torchvision.transforms.v2 or an
+    albumentations pipeline, run in the loader workers on each whole training sample (image and label map)
+    before the built-in scale, crop and flip; seeded per sample, so resumes stay exact. See README "Your own
+    augmentations" and dist_seg.data.loading.augment_recipes."""
     eval_resize: int | None = None
     """Resize the shorter side to this before evaluation (masks: nearest); null keeps the original size."""
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -68,7 +75,8 @@ class DataConfig:
     """Shards at URLs: seconds a connection or a read may stall before it counts as a transient fault."""
     cache_dir: str | None = None
     """Shards at URLs: a local directory caching whole shards, named by sha256 and checked against the
-    manifest before use; shared safely by the ranks and workers of one machine. null reads ranges directly."""
+    manifest before use; shared safely by the ranks and workers of one machine. null reads ranges directly
+    (from a server that ignores Range: one stream per shard and loader worker)."""
     cache_max_gb: float = 100.0
     """Size bound of data.cache_dir: least recently used shards are deleted beyond it."""
     pin_memory: bool = True
@@ -211,7 +219,27 @@ class TrainConfig:
     """Signals that stop the run with a checkpoint of the step reached and exit code 75 (see README
     "Preemption, node loss and resize"); comma-separated names, empty for none."""
     num_vis_images: int = 4
-    """Validation images shown in TensorBoard (input | ground truth | prediction) at every eval."""
+    """Validation images shown in the trackers (input | ground truth | prediction) at every eval."""
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 reports the run: any of tensorboard, mlflow, wandb (the extras `pip install -e
+    .[mlflow]`, `.[wandb]`), or `package.module:Class` of your own tracker. Each gets the same scalars,
+    per-class IoU, images, config and final metrics from one reporting path, in its own thread: a tracker
+    that fails or stalls loses its reports (counted, said once), never the run. See README "Run tracking"."""
+    run_name: str | None = None
+    """The run's name in MLflow and W&B; null: the last part of train.out_dir."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server or store (`http://host:5000`, `sqlite:///runs/mlflow.db`); null: the
+    MLFLOW_TRACKING_URI environment variable, else MLflow's default (sqlite:///mlflow.db in the working
+    directory). No passwords here: credentials go in MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment (created when missing); null: MLFLOW_EXPERIMENT_NAME, else `dist_seg`."""
+    wandb_project: str | None = None
+    """W&B project; null: WANDB_PROJECT, else `dist_seg`. WANDB_MODE=offline writes under train.out_dir."""
+    wandb_entity: str | None = None
+    """W&B team or user; null: WANDB_ENTITY, else the API key's default entity."""
+    logger_timeout_s: float = 60.0
+    """Seconds the end of a run waits for the trackers to deliver what they still hold; a tracker still
+    busy then is left behind, and what it had not delivered is counted in the log."""
     device: str = "auto"
     """auto (cuda when available), cuda or cpu."""
 
@@ -305,6 +333,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             f"config key train.powersgd_start_step={cfg.train.powersgd_start_step}: must be >= 2"
         )
+    _validate_loggers(cfg.train)
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ValueError(f"config key train.ema_decay={cfg.train.ema_decay}: must be in (0, 1) or null")
     if cfg.crf.iterations < 0:
@@ -336,6 +365,23 @@ def validate(cfg: Config) -> Config:
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"config key optim.betas={cfg.optim.betas}: needs two values")
     return cfg
+
+
+BUILTIN_LOGGERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _validate_loggers(t: TrainConfig) -> None:
+    """train.loggers: built-in names or `module:Class`, each once (whether they import is the preflight's)."""
+    for name in t.loggers:
+        if name not in BUILTIN_LOGGERS and not re.fullmatch(r"[\w.]+:\w+", name):
+            raise ValueError(
+                f"config key train.loggers={t.loggers}: {name!r} is neither one of "
+                f"{', '.join(BUILTIN_LOGGERS)} nor `package.module:Class`"
+            )
+    if len(set(t.loggers)) != len(t.loggers):
+        raise ValueError(f"config key train.loggers={t.loggers}: a logger is named twice")
+    if t.logger_timeout_s <= 0:
+        raise ValueError(f"config key train.logger_timeout_s={t.logger_timeout_s}: must be > 0")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from dist_seg.config.loading import load_config
 from dist_seg.config.schema import Config
-from dist_seg.data.format.remote import RemoteOptions
+from dist_seg.data.format.remote import RemoteOptions, redact
 from dist_seg.data.format.shards import dataset_classes
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.infer.metrics import to_jsonable
@@ -66,12 +66,14 @@ def evaluate_checkpoint(
     shard_set = dataset_classes(spec, cfg.model.num_classes, RemoteOptions.from_config(cfg.data))
     num_classes, shard_names = shard_set.num_classes, shard_set.class_names
     if not shard_set.has_labels:
-        raise ValueError(f"shards {spec} have no label maps (a test split?): use `dist-seg predict` instead")
+        raise ValueError(
+            f"shards {redact(spec)} have no label maps (a test split?): use `dist-seg predict` instead"
+        )
     models, cks = load_models(cfg, checkpoints, world.device, num_classes, args.weights)
     ck = cks[0]
     if ck.class_names != shard_names:
         raise ValueError(
-            f"checkpoint {ck.path} was trained on classes {ck.class_names}, but the shards {spec} have "
+            f"checkpoint {ck.path} was trained on classes {ck.class_names}, but the shards {redact(spec)} have "
             f"classes {shard_names}"
         )
     predictor = build_predictor(cfg, args, models, world.device)  # also the parsed options for metrics.json
@@ -94,7 +96,7 @@ def evaluate_checkpoint(
         "window": args.window,
         "stride": predictor.slide.stride if predictor.slide is not None else None,
         "crf": dataclasses.asdict(cfg.crf) if args.crf else None,
-        "shards": spec,
+        "shards": redact(spec),  # metrics.json never holds a URL's credential
         "num_images": shard_set.total_samples - skipped,
         "skipped": skipped,
         "world_size": world.world_size,

@@ -45,9 +45,11 @@ class Checkpointer:
         schedule: StepSchedule,
         num_classes: int,
         class_names: list[str],
+        run_key: str | None = None,
     ) -> None:
         self.cfg, self.world, self.ctx, self.ckpts, self.schedule = cfg, world, ctx, ckpts, schedule
         self.num_classes, self.class_names = num_classes, class_names
+        self.run_key = run_key  # by which a resume finds the run's MLflow and W&B runs (RunLog.run_key)
 
     def save_if_due(
         self, state: TrainState, epoch_done: bool, evaluated: bool, is_best: bool, stopping_early: bool
@@ -74,6 +76,7 @@ class Checkpointer:
             self.num_classes,
             self.class_names,
             ctx.ema,
+            self.run_key,
         )
         if self.world.is_main:
             self.ckpts.save(ck, state.step, is_best)

@@ -20,6 +20,7 @@ import warnings
 
 from dist_seg.config.loading import load_config
 from dist_seg.config.schema import to_yaml
+from dist_seg.data.format.urls import redacted_config
 from dist_seg.runtime import distributed as D
 from dist_seg.runtime import fault_injection as faults
 from dist_seg.runtime.preemption import (
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return user_errors([str(e)])
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(redacted_config(cfg)), end="")  # no credential of a URL on the console either
         return 0
     if problems := find_problems(cfg):
         return user_errors([str(p) for p in problems])

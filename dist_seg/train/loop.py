@@ -12,7 +12,7 @@ One step, from fit() to optimizer.step():
    branch), then calls optimizer.step() (GradScaler.step under fp16), moves the weight EMA and steps the
    LR scheduler.
 4. Back in _optimizer_step(), TrainState.record_step counts the step and the TrainMeter meters it (a
-   progress line and TensorBoard scalars when StepSchedule.should_log).
+   progress line and scalars to every tracker of train.loggers when StepSchedule.should_log).
 
 Then fit() decides what else happens at that step, each decision owned by one object: the epoch ends
 (StepSchedule.epoch_done); a stop signal ends the run with a checkpoint (checkpointing.StopSignalExit); the
@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_seg.checkpoint import restore_training
-from dist_seg.config.schema import Config, save_config, to_yaml
+from dist_seg.checkpoint import restore_training, run_key
+from dist_seg.config.schema import Config, save_config
 from dist_seg.data.format.remote import RemoteOptions
 from dist_seg.data.format.shards import ShardSet, dataset_classes
+from dist_seg.data.format.urls import redacted_config
 from dist_seg.data.loading.prefetch import Prefetcher
 from dist_seg.data.loading.train_loader import TRAIN_TENSORS, TrainLoader, build_train_loader
 from dist_seg.models import build_model, pretrained_summary
@@ -53,7 +54,7 @@ from dist_seg.train.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.train.reporting import TrainMeter, print_main
 from dist_seg.train.state import StepSchedule, TrainState
 from dist_seg.train.step import StepContext, StepOutput, train_step
-from dist_seg.train.tensorboard import TBLogger
+from dist_seg.train.tracking import RunLog
 from dist_seg.train.validation import EarlyStop, Validator
 
 
@@ -76,35 +77,35 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
     if saved is not None:  # the global batch belongs to the run: keep it on this world size
         cfg = _keep_global_batch(cfg, world, saved)
     run = _build(cfg, world, stop)
-    state, tb = _open_run(run, saved)
-    schedule, classes = run.schedule, (run.shard_set.num_classes, run.shard_set.class_names)
-    checkpointer = Checkpointer(cfg, world, run.ctx, ckpts, schedule, *classes)
-    preemption = StopSignalExit(checkpointer, stop)
-    validator = Validator(cfg, world, run.ctx, tb, *classes)
-    early_stop = EarlyStop(cfg.train.early_stop_patience)
-    meter = TrainMeter(cfg, world, tb, schedule.total_steps, state.step)
-    while not schedule.finished(state) and not early_stop.should_stop(state):
-        run.loader.set_position(state.data_position(schedule.grad_accum))
-        batches = Prefetcher(iter(run.loader), world.device, TRAIN_TENSORS)  # copies ahead during a step
-        while not schedule.epoch_done(state) and not schedule.finished(state):
-            out = _optimizer_step(run, batches, state, meter)
-            epoch_done = schedule.epoch_done(state)
-            if epoch_done:
-                state.next_epoch()
-            preemption.exit_if_signalled(out.stop_requested, state)
-            evaluated = schedule.should_evaluate(state.step, epoch_done)
-            is_best = validator.evaluate(state) if evaluated else False
-            preemption.exit_if_signalled(validator.stopped, state)
-            stopping = early_stop.should_stop(state)
-            checkpointer.save_if_due(state, epoch_done, evaluated, is_best, stopping)
-            if stopping:
-                early_stop.announce(world, state)
-            if stopping or epoch_done:
-                break
-    metrics = validator.final_metrics(state.step)
-    if world.is_main and metrics:
-        reporting.report_hparams(cfg, tb, world.world_size, metrics)
-    tb.close()
+    state, log = _open_run(run, saved)
+    with log:  # however the run ends, the trackers get a bounded time to deliver and close their runs
+        schedule, classes = run.schedule, (run.shard_set.num_classes, run.shard_set.class_names)
+        checkpointer = Checkpointer(cfg, world, run.ctx, ckpts, schedule, *classes, log.run_key)
+        preemption = StopSignalExit(checkpointer, stop)
+        validator = Validator(cfg, world, run.ctx, log, *classes)
+        early_stop = EarlyStop(cfg.train.early_stop_patience)
+        meter = TrainMeter(cfg, world, log, schedule.total_steps, state.step)
+        while not schedule.finished(state) and not early_stop.should_stop(state):
+            run.loader.set_position(state.data_position(schedule.grad_accum))
+            batches = Prefetcher(iter(run.loader), world.device, TRAIN_TENSORS)  # copies ahead during a step
+            while not schedule.epoch_done(state) and not schedule.finished(state):
+                out = _optimizer_step(run, batches, state, meter)
+                epoch_done = schedule.epoch_done(state)
+                if epoch_done:
+                    state.next_epoch()
+                preemption.exit_if_signalled(out.stop_requested, state)
+                evaluated = schedule.should_evaluate(state.step, epoch_done)
+                is_best = validator.evaluate(state) if evaluated else False
+                preemption.exit_if_signalled(validator.stopped, state)
+                stopping = early_stop.should_stop(state)
+                checkpointer.save_if_due(state, epoch_done, evaluated, is_best, stopping)
+                if stopping:
+                    early_stop.announce(world, state)
+                if stopping or epoch_done:
+                    break
+        metrics = validator.final_metrics(state.step)
+        if world.is_main and metrics:
+            reporting.report_final(cfg, log, world.world_size, metrics, state.step)
     return metrics
 
 
@@ -192,9 +193,9 @@ def _steps_per_epoch(cfg: Config, world: D.World, loader: TrainLoader, shard_set
     return steps
 
 
-def _open_run(run: Run, saved: Saved | None) -> tuple[TrainState, TBLogger]:
-    """Restore the saved checkpoint (or start at step 0), write the run directory's config.yaml, and open
-    TensorBoard (past a resumed step, its events are purged so curves do not double back)."""
+def _open_run(run: Run, saved: Saved | None) -> tuple[TrainState, RunLog]:
+    """Restore the saved checkpoint (or start at step 0), write the run directory's config.yaml, and start
+    the trackers (a resume continues the tracked runs the checkpoint names, without repeating a step)."""
     cfg, world, shard_set, schedule = run.cfg, run.world, run.shard_set, run.schedule
     out = Path(cfg.train.out_dir)
     state = TrainState(global_batch=schedule.global_batch, samples=shard_set.total_samples)
@@ -204,18 +205,19 @@ def _open_run(run: Run, saved: Saved | None) -> tuple[TrainState, TBLogger]:
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         clear_marker(out)  # this run goes on from where a preempted one stopped
-        save_config(cfg, out / "config.yaml")
+        save_config(redacted_config(cfg), out / "config.yaml")  # URLs without their credentials
         if saved is not None:
             reporting.trim_history(out, state.step)
-    tb = TBLogger(out / "tb", enabled=world.is_main, purge_step=state.step + 1 if saved is not None else None)
-    tb.text("config", to_yaml(cfg), preformatted=True)
+    resumed = (state.step, run_key(saved[1])) if saved is not None else (None, None)
+    log = RunLog.start(cfg, world, *resumed)  # the trackers of train.loggers, on rank 0
+    log.config(cfg, state.step)
     print_main(
         world,
         f"{world.world_size} process(es) on {world.device}; {shard_set.total_samples} training samples; "
         f"{schedule.steps_per_epoch} steps/epoch x global batch {schedule.global_batch}; "
         f"{schedule.total_steps} steps",
     )
-    return state, tb
+    return state, log
 
 
 def _restore(run: Run, saved: Saved, state: TrainState) -> None:

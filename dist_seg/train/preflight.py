@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dist_seg.config.schema import Config
 from dist_seg.data.format.remote import is_url, redact
 from dist_seg.data.format.shards import ShardSet, resolve_shards
+from dist_seg.data.loading.augment import AugmentError, load_pipeline
 from dist_seg.models import MODEL_NAMES
 from dist_seg.train.losses import load_class_weights
+from dist_seg.train.tracking import BUILTIN, tracker_class
 
 
 class PreflightError(ValueError):
@@ -46,6 +49,9 @@ def find_problems(cfg: Config) -> list[PreflightError]:
     run(check_pretrained, cfg.model.pretrained)
     run(check_class_weights, cfg.loss.class_weights, train, cfg.model.num_classes)
     run(check_resume, cfg.train.resume)
+    run(check_augment, cfg.data.augment)
+    run(check_loggers, cfg.train.loggers)
+    run(check_tracking_uri, cfg.train.mlflow_tracking_uri)
     return problems
 
 
@@ -111,6 +117,43 @@ def check_class_weights(spec: str | None, train: ShardSet | None, num_classes: i
         for said in ("loss.class_weights: ", f"loss.class_weights={spec} "):
             what = what.removeprefix(said)  # the key and value lead the line already
         raise PreflightError("loss.class_weights", spec, what) from None
+
+
+def check_augment(spec: str | None) -> None:
+    """data.augment, when set, must import, name a factory that runs, and give a torchvision.transforms.v2 or
+    albumentations pipeline (albumentations missing names its extra). Building it is cheap and local; how it
+    treats samples is checked on each sample in the loader workers (dist_seg.data.loading.augment)."""
+    if spec is None:
+        return
+    try:
+        load_pipeline(spec)
+    except AugmentError as e:
+        raise PreflightError("data.augment", spec, str(e).removeprefix(f"data.augment={spec}: ")) from None
+
+
+def check_loggers(loggers: list[str]) -> None:
+    """train.loggers: each tracker's class must import here (a built-in one needs its pip extra), so that a
+    missing package stops the run before the rendezvous rather than leaving the run without its tracker."""
+    missing = []
+    for spec in loggers:
+        try:
+            tracker_class(spec)
+        except Exception as e:  # a module of your own may fail to import in any way: name it, no traceback
+            missing.append(str(e) if spec in BUILTIN else f"{spec}: {type(e).__name__}: {e}")
+    if missing:
+        raise PreflightError("train.loggers", f"[{','.join(loggers)}]", "; ".join(missing))
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """train.mlflow_tracking_uri must not carry credentials (user info: `https://user:password@host`, or a
+    token as user): a config key is written to config.yaml, the checkpoints and the trackers themselves."""
+    if uri is not None and urlsplit(uri).username is not None:
+        raise PreflightError(
+            "train.mlflow_tracking_uri",
+            uri,
+            "carries credentials; give them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), or the whole URI in MLFLOW_TRACKING_URI, which is never written",
+        )
 
 
 def check_resume(value: str | None) -> None:

@@ -1,5 +1,7 @@
 """What the training loop reports: progress lines and training scalars (TrainMeter), evaluation results
-(report_eval), the run's hparams summary; rank 0 writes."""
+(report_eval), the run's final summary (report_final). Every report goes to the run's RunLog, which hands it
+to each tracker of train.loggers (dist_seg.train.tracking); the files of the run directory (metrics.json,
+metrics_history.jsonl) are written here. Rank 0 writes."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from dist_seg.config.schema import Config
 from dist_seg.infer.metrics import to_jsonable
 from dist_seg.runtime import distributed as D
 from dist_seg.train.state import StepResult
-from dist_seg.train.tensorboard import TBLogger
-from dist_seg.viz import class_palette
+from dist_seg.train.tracking import RunLog
+from dist_seg.viz import class_palette, confusion_figure, figure_to_rgb, triplet_grid
 
 
 class Window:
@@ -51,13 +53,13 @@ class Window:
 
 class TrainMeter:
     """Meters the training steps (loss, gradient norm, loss scale, throughput, data wait) and reports them
-    every train.log_every steps as TensorBoard scalars and a progress line with an ETA. Owns the window of
-    sums since the last line and the run's start."""
+    every train.log_every steps as scalars (to every tracker) and a progress line with an ETA. Owns the
+    window of sums since the last line and the run's start."""
 
     def __init__(
-        self, cfg: Config, world: D.World, tb: TBLogger, total_steps: int, step_at_start: int
+        self, cfg: Config, world: D.World, log: RunLog, total_steps: int, step_at_start: int
     ) -> None:
-        self.cfg, self.world, self.tb = cfg, world, tb
+        self.cfg, self.world, self.run_log = cfg, world, log
         self.total_steps, self.step_at_start = total_steps, step_at_start
         self.window = Window()
         self.t_start = time.perf_counter()
@@ -70,9 +72,9 @@ class TrainMeter:
         self.window.add(o, wait, dt, skipped_samples, remote_retries)
 
     def log(self, step: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        """TensorBoard scalars and one progress line for the steps since the last call (a collective: every
-        rank calls it at the same steps)."""
-        cfg, world, tb, w = self.cfg, self.world, self.tb, self.window
+        """Scalars and one progress line for the steps since the last call (a collective: every rank calls it
+        at the same steps)."""
+        cfg, world, log, w = self.cfg, self.world, self.run_log, self.window
         total_steps = self.total_steps
         loss, grad_norm, skipped, retries = self._across_ranks()
         elapsed = time.perf_counter() - w.t0
@@ -90,7 +92,7 @@ class TrainMeter:
             values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
         if world.device.type == "cuda":
             values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
-        tb.scalars(values, step)
+        log.scalars(values, step)
         done = step - self.step_at_start
         eta = (time.perf_counter() - self.t_start) / max(done, 1) * (total_steps - step)
         lr = optimizer.param_groups[0]["lr"]
@@ -134,8 +136,12 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def report_hparams(cfg: Config, tb: TBLogger, world_size: int, metrics: dict[str, Any]) -> None:
-    """Rank 0, at the end: the run's main settings with its final mIoU, for TensorBoard's hparams view."""
+FINAL_METRICS = ("miou", "pixel_acc", "mean_acc", "image_miou")  # the final/ metrics of every tracker
+
+
+def report_final(cfg: Config, log: RunLog, world_size: int, metrics: dict[str, Any], step: int) -> None:
+    """Rank 0, at the end: the run's main settings with its final metrics (TensorBoard's hparams view, MLflow's
+    final/ metrics, W&B's summary)."""
     settings = {
         "model": cfg.model.name,
         "width_mult": cfg.model.width_mult,
@@ -144,12 +150,12 @@ def report_hparams(cfg: Config, tb: TBLogger, world_size: int, metrics: dict[str
         "world_size": world_size,
         "amp": cfg.train.amp,
     }
-    tb.hparams(settings, {"hparam/miou": metrics["miou"]})
+    log.final(settings, {k: metrics[k] for k in FINAL_METRICS}, step)
 
 
 def report_eval(
     cfg: Config,
-    tb: TBLogger,
+    log: RunLog,
     step: int,
     metrics: dict[str, Any],
     matrix: np.ndarray,
@@ -158,13 +164,13 @@ def report_eval(
     num_classes: int,
     primary: bool = True,
 ) -> None:
-    """Rank 0: evaluation scalars, sample triplets and confusion matrix to TensorBoard, metrics.json, a line.
+    """Rank 0: evaluation scalars, sample triplets and confusion matrix to the trackers, metrics.json, a line.
 
     metrics["weights"] says which weights were evaluated: "model" scalars go under val/, "ema" (the weight
-    EMA) under val_ema/. Only the `primary` evaluation (the one best.pt and early stopping follow) writes the
+    EMA) under val_ema/. Only the `primary` evaluation (the one best.pt and early stopping follow) reports the
     images, the confusion matrix and metrics.json; every evaluation is a line of metrics_history.jsonl."""
     weights = metrics.get("weights", "model")
-    _eval_to_tensorboard(tb, step, metrics, matrix, kept, names, num_classes, primary)
+    _eval_to_trackers(log, step, metrics, matrix, kept, names, num_classes, primary)
     _eval_to_files(Path(cfg.train.out_dir), step, metrics, primary)
     print(
         f"eval step {step}{' (EMA weights)' if weights == 'ema' else ''}: mIoU {metrics['miou']:.4f} "
@@ -173,8 +179,8 @@ def report_eval(
     )
 
 
-def _eval_to_tensorboard(
-    tb: TBLogger,
+def _eval_to_trackers(
+    log: RunLog,
     step: int,
     metrics: dict[str, Any],
     matrix: np.ndarray,
@@ -184,9 +190,11 @@ def _eval_to_tensorboard(
     primary: bool,
 ) -> None:
     """Scalars under val/ (val_ema/ for the EMA); for the primary evaluation also the sample triplets and
-    the confusion matrix."""
+    the confusion matrix, rendered here once for every tracker."""
+    if not log.active:  # no trackers (train.loggers=[]): nothing to render
+        return
     tag = "val_ema" if metrics.get("weights", "model") == "ema" else "val"
-    tb.scalars(
+    log.scalars(
         {
             f"{tag}/miou": metrics["miou"],
             f"{tag}/pixel_acc": metrics["pixel_acc"],
@@ -195,21 +203,25 @@ def _eval_to_tensorboard(
         },
         step,
     )
-    tb.scalars(
+    log.scalars(
         {f"{tag}/iou/{n}": v for n, v in zip(names, metrics["iou"], strict=True) if not math.isnan(v)}, step
     )
     if kept and primary:
-        images = torch.stack([k[0].float() / 255 for k in same_size(kept)])  # uint8 as the loader gave it
-        tb.image_triplets(
-            images,
-            torch.stack([k[1] for k in same_size(kept)]),
-            torch.stack([k[2] for k in same_size(kept)]),
-            class_palette(num_classes),
-            step,
-        )
+        log.image("val/samples", sample_triplets(same_size(kept), num_classes), step)
     if primary:
-        tb.confusion(matrix, names, step)
-    tb.flush()
+        log.image("val/confusion", figure_to_rgb(confusion_figure(matrix, names, normalize=True)), step)
+    log.flush()
+
+
+def sample_triplets(
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_classes: int
+) -> np.ndarray:
+    """One picture of (image [3,H,W] uint8, truth [H,W], prediction [H,W]) samples of one size: a row each,
+    input | ground truth | prediction (ignore shown white)."""
+    images = np.stack([k[0].cpu().permute(1, 2, 0).numpy() for k in kept])
+    targets = np.stack([k[1].cpu().clamp(0, 255).numpy() for k in kept])
+    preds = np.stack([k[2].cpu().clamp(0, 255).numpy() for k in kept])
+    return triplet_grid(images, targets, preds, class_palette(num_classes))
 
 
 def _eval_to_files(out: Path, step: int, metrics: dict[str, Any], primary: bool) -> None:

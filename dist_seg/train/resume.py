@@ -26,6 +26,7 @@ from typing import Any
 from dist_seg.checkpoint import CheckpointManager
 from dist_seg.config.schema import Config
 from dist_seg.data.format.shards import ShardSet
+from dist_seg.data.format.urls import redact
 from dist_seg.data.loading.plan import Geometry, consumed_ids, ids_to_runs, runs_to_ids
 from dist_seg.runtime import distributed as D
 from dist_seg.train.state import TrainState
@@ -157,7 +158,7 @@ def check_same_dataset(state: dict[str, Any], shard_set: ShardSet, path: str) ->
     if saved is not None and int(saved) != shard_set.total_samples:
         raise ValueError(
             f"checkpoint {path} was written on training shards of {saved} samples, but data.train_shards="
-            f"{shard_set.spec} holds {shard_set.total_samples}: resume with the same shards, or start a new "
+            f"{redact(shard_set.spec)} holds {shard_set.total_samples}: resume with the same shards, or start a new "
             "run (train.resume=null or another train.out_dir)"
         )
 

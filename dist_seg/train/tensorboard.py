@@ -1,4 +1,5 @@
-"""TensorBoard logging for rank 0 (a no-op logger elsewhere) and readers for tests and checks.
+"""TensorBoard: the `tensorboard` tracker of train.loggers (TensorBoardTracker, over TBLogger, a SummaryWriter
+wrapper) and readers for tests and checks.
 
 After a resume, pass `purge_step` = the first step the resumed run will log: the writer records a restart
 marker and TensorBoard (and `read_scalars`) drop everything the crashed run logged at that step or later,
@@ -10,15 +11,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from dist_seg import viz
+from dist_seg.train.tracker_api import ConfigReport, TrackedRun, TrackerSetup
 
 TAGS: dict[str, str] = {
     "train/loss": "training loss (mean over the logging window, all ranks)",
@@ -71,16 +71,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _to_uint8_images(images: Tensor) -> np.ndarray:
-    """[N,3,H,W] float (0..1) or uint8 -> [N,H,W,3] uint8."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [N,3,H,W], got {tuple(images.shape)}")
-    x = images.detach().cpu()
-    if x.dtype != torch.uint8:
-        x = (x.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
-
-
 _TEXT_SUFFIX = "/text_summary"
 _EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
 
@@ -118,35 +108,11 @@ class TBLogger:
         for tag, value in values.items():
             self._writer.add_scalar(tag, float(value), global_step=step)
 
-    def image_triplets(
-        self,
-        images: Tensor,
-        targets: Tensor,
-        preds: Tensor,
-        palette: np.ndarray | None,
-        step: int,
-        tag: str = "val/samples",
-    ) -> None:
-        """One image: a row per sample with input | ground truth | prediction (ignore shown white)."""
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An [H, W, 3] uint8 picture (reporting renders the sample triplets and the confusion matrix)."""
         if self._writer is None:
             return
-        grid = viz.triplet_grid(
-            _to_uint8_images(images),
-            targets.detach().cpu().clamp(0, 255).numpy(),
-            preds.detach().cpu().clamp(0, 255).numpy(),
-            palette,
-        )
-        self._writer.add_image(tag, grid, global_step=step, dataformats="HWC")
-
-    def confusion(
-        self, matrix: np.ndarray | Tensor, class_names: Sequence[str], step: int, tag: str = "val/confusion"
-    ) -> None:
-        if self._writer is None:
-            return
-        if isinstance(matrix, Tensor):
-            matrix = matrix.detach().cpu().numpy()
-        fig = viz.confusion_figure(matrix, class_names, normalize=True)
-        self._writer.add_image(tag, viz.figure_to_rgb(fig), global_step=step, dataformats="HWC")
+        self._writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int = 0, preformatted: bool = False) -> None:
         """TensorBoard renders text as markdown; `preformatted` indents it into a code block (for YAML)."""
@@ -189,6 +155,45 @@ class TBLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TensorBoardTracker:
+    """train.loggers `tensorboard`: event files in out_dir/tb. A resume purges what the interrupted attempt
+    logged past the checkpoint (TBLogger's purge_step), so TensorBoard shows the resumed attempt's values
+    there; it has no run id to keep."""
+
+    def __init__(self, setup: TrackerSetup) -> None:
+        self.setup = setup
+        self.tb: TBLogger | None = None
+
+    def open(self) -> TrackedRun:
+        resumed = self.setup.resumed_step
+        log_dir = self.setup.out_dir / "tb"
+        self.tb = TBLogger(log_dir, True, purge_step=resumed + 1 if resumed is not None else None)
+        return TrackedRun(None, 0, f"event files in {log_dir}")
+
+    def config(self, report: ConfigReport, step: int) -> None:
+        self._tb.text("config", report.yaml, step, preformatted=True)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self._tb.scalars(values, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        self._tb.image(tag, image, step)
+
+    def final(self, settings: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        self._tb.hparams(settings, metrics, step)
+
+    def flush(self) -> None:
+        self._tb.flush()
+
+    def close(self, outcome: str) -> None:
+        self._tb.close()
+
+    @property
+    def _tb(self) -> TBLogger:
+        assert self.tb is not None, "TensorBoardTracker used before open()"
+        return self.tb
 
 
 def _accumulator(log_dir: Path, purge: bool) -> Any:

@@ -18,7 +18,7 @@ from dist_seg.runtime import distributed as D
 from dist_seg.train import reporting
 from dist_seg.train.state import TrainState
 from dist_seg.train.step import StepContext
-from dist_seg.train.tensorboard import TBLogger
+from dist_seg.train.tracking import RunLog
 
 
 class Validator:
@@ -29,11 +29,11 @@ class Validator:
         cfg: Config,
         world: D.World,
         ctx: StepContext,
-        tb: TBLogger,
+        log: RunLog,
         num_classes: int,
         class_names: list[str],
     ) -> None:
-        self.cfg, self.world, self.ctx, self.tb = cfg, world, ctx, tb
+        self.cfg, self.world, self.ctx, self.log = cfg, world, ctx, log
         self.num_classes, self.class_names = num_classes, class_names
         self.metrics: dict[str, Any] = {}  # the last complete evaluation's, of the weights that count
         self.stopped = False  # a stop signal cut the last evaluation short (every rank agrees)
@@ -86,7 +86,7 @@ class Validator:
             if world.is_main:
                 matrix = cm.matrix.cpu().numpy()
                 reporting.report_eval(
-                    cfg, self.tb, step, metrics, matrix, kept, self.class_names, self.num_classes, primary
+                    cfg, self.log, step, metrics, matrix, kept, self.class_names, self.num_classes, primary
                 )
         return metrics
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,9 +148,35 @@ def test_resume_path(shards: Path) -> None:
     assert problems(f"data.train_shards={shards}", "train.resume=null") == []
 
 
+def test_augment_pipeline(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.augment: the module, the factory and its result checked here; albumentations missing names the
+    extra (dist_seg.data.loading.augment has the detail)."""
+    (tmp_path / "user_aug.py").write_text(
+        "def broken():\n    raise RuntimeError('no')\n\ndef albu():\n    import albumentations\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipes = "dist_seg.data.loading.augment_recipes"
+    assert problems(f"data.train_shards={shards}", f"data.augment={recipes}:torchvision_rotate") == []
+    assert problems(f"data.train_shards={shards}", "data.augment=no_such_module:build") == [
+        "data.augment=no_such_module:build: no module named no_such_module (is its directory on PYTHONPATH?)"
+    ]
+    assert problems(f"data.train_shards={shards}", f"data.augment={recipes}:nosuch") == [
+        f"data.augment={recipes}:nosuch: module {recipes} has no attribute nosuch"
+    ]
+    assert problems(f"data.train_shards={shards}", "data.augment=user_aug:broken") == [
+        "data.augment=user_aug:broken: broken() raised RuntimeError: no"
+    ]
+    monkeypatch.setitem(sys.modules, "albumentations", None)  # as if not installed
+    for factory in ("user_aug:albu", f"{recipes}:albumentations_common"):
+        assert problems(f"data.train_shards={shards}", f"data.augment={factory}") == [
+            f"data.augment={factory}: needs albumentations (albumentations is not installed), an optional "
+            "extra: pip install -e .[albumentations]"
+        ]
+
+
 def test_values_are_shown_as_typed_with_urls_redacted() -> None:
     assert str(PreflightError("k", None, "x")) == "k=null: x"
-    assert str(PreflightError("k", "https://u:secret@h/p?sig=abc", "x")) == "k=https://h/p?...: x"
+    assert str(PreflightError("k", "https://u:secret@h/p?sig=abc", "x")) == "k=https://h/p?sig=REDACTED: x"
 
 
 def test_every_problem_is_reported_in_key_order(

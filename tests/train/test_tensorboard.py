@@ -1,20 +1,26 @@
+import numpy as np
 import pytest
 import torch
 
-from dist_seg.train.tensorboard import TAGS, TBLogger, expand_tags, read_images, read_scalars, read_tags
-from dist_seg.viz import class_palette
+from dist_seg.config.schema import Config
+from dist_seg.train.tensorboard import (
+    TAGS,
+    TBLogger,
+    TensorBoardTracker,
+    expand_tags,
+    read_images,
+    read_scalars,
+    read_tags,
+)
+from dist_seg.train.tracker_api import TrackedRun, TrackerSetup
 
 
 def test_writes_every_kind_and_reads_back(tmp_path):
-    names = ["bg", "General trash", "Paper"]
     with TBLogger(tmp_path, enabled=True) as tb:
         for step in (1, 2, 3):
             tb.scalars({"train/loss": 1.0 / step, "train/lr/encoder": torch.tensor(0.01)}, step)
-        images = torch.rand(2, 3, 8, 10)
-        targets = torch.randint(0, 3, (2, 8, 10))
-        targets[:, 0] = 255
-        tb.image_triplets(images, targets, targets.clone(), class_palette(3), step=3)
-        tb.confusion(torch.tensor([[4, 1, 0], [0, 3, 0], [1, 0, 2]]), names, step=3)
+        picture = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+        tb.image("val/samples", picture, step=3)
         tb.text("config", "train:\n  lr: 0.01", preformatted=True)
         tb.hparams({"optim": {"lr": 0.01, "name": "sgd"}, "groups": [1, 2]}, {"val/miou": 0.5}, step=3)
     scalars = read_scalars(tmp_path)
@@ -22,12 +28,28 @@ def test_writes_every_kind_and_reads_back(tmp_path):
     assert scalars["train/loss"][1][1] == pytest.approx(0.5)
     assert scalars["train/lr/encoder"][0][1] == pytest.approx(0.01)
     assert scalars["hparam/val/miou"] == [(3, pytest.approx(0.5))]
-    tags = read_tags(tmp_path)
-    assert {"train/loss", "train/lr/encoder", "val/samples", "val/confusion", "config"} <= tags
-    [(step, grid)] = read_images(tmp_path, "val/samples")
-    assert step == 3 and grid.shape[:2] == (2 * 8 + 4, 3 * 10 + 8)
-    # first row of the ground-truth panel is ignore (255): white
-    assert (grid[0, 14, :3] == 255).all()
+    assert {"train/loss", "train/lr/encoder", "val/samples", "config"} <= read_tags(tmp_path)
+    [(step, seen)] = read_images(tmp_path, "val/samples")
+    assert step == 3 and np.array_equal(seen[..., :3], picture)  # PNG in the event file: lossless
+
+
+def test_tracker_purges_what_the_interrupted_attempt_logged_past_the_checkpoint(tmp_path):
+    """TensorBoardTracker under train.loggers: a resume from step 2 hides the first attempt's step 3."""
+    cfg = Config()
+
+    def attempt(resumed_step, steps, offset):
+        tracker = TensorBoardTracker(TrackerSetup(cfg, tmp_path, "run", "key", resumed_step))
+        assert tracker.open() == TrackedRun(None, 0, f"event files in {tmp_path / 'tb'}")
+        for step in steps:
+            tracker.scalars({"train/loss": offset + step}, step)
+        tracker.final({"model": "fcn8s"}, {"miou": offset}, steps[-1])
+        tracker.close("finished")
+
+    attempt(None, [1, 2, 3], 0.0)
+    attempt(2, [3, 4], 100.0)
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0)]
+    assert scalars["hparam/miou"] == [(4, 100.0)]  # the first attempt's, at step 3, is purged too
 
 
 def test_disabled_logger_writes_nothing(tmp_path):

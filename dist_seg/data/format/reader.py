@@ -2,10 +2,20 @@
 policy. Only `jpg`/`jpeg`/`png`/`seg.png`/`json` members are ever read; anything else (`.pickle`, `.pyd`,
 `.pth`...) is skipped unread, and no default decoder (webdataset's unpickle) is anywhere near the data.
 
-Tars are read from their headers (dist_seg.data.format.tar_members, a fraction of `tarfile`'s cost per member) rather
-than with webdataset's pipeline: readers are given sample ranges inside shards (webdataset splits by whole
-shard URL), seeking (or a ranged read, over a URL) skips other readers' samples without reading their bytes,
-and every error is attributed to shard and key.
+Tars are read from their headers (dist_seg.data.format.tar_members, a fraction of `tarfile`'s cost per member)
+rather than with webdataset's pipeline: readers are given sample ranges inside shards (webdataset splits by
+whole shard URL), and every error is attributed to shard and key.
+
+Every shard byte is read once per pass. A run of samples [start, stop) is the byte range the shard's index
+gives (`offsets[start]` to `offsets[stop]`), so a reader seeks straight to its first sample (a resume
+included) and reads nothing before it or after it:
+- a local tar (or the cache's copy): seek, then read the range unbuffered, headers and member data only;
+- a URL: one ranged GET of the range, every sample's bytes checked against the index's sha256 before they
+  are parsed; a server that ignores Range is read as one stream per shard from its first byte, which the
+  next run of the same shard continues (dist_seg.data.format.remote);
+- shards without an index (format version 1, written before it existed): local ones get their offsets from
+  one walk over the tar headers per shard and reader (512 bytes read per member, member data skipped by
+  seeking); URLs are streamed from byte 0, the stream continued run after run.
 """
 
 from __future__ import annotations
@@ -14,36 +24,45 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
-import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import torch
-from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, decode_png
-
-from dist_seg.data import IGNORE_INDEX
+from dist_seg.data.format.cache import CorruptShard, cached_copy
+from dist_seg.data.format.decode import READ_EXTS, ErrorPolicy, RawSample, Sample, decode_sample
 from dist_seg.data.format.remote import (
-    CorruptShard,
-    RangeReader,
     RemoteOptions,
-    cached_copy,
+    RemoteStream,
     is_url,
     join,
+    note_ranges_ignored,
     parent,
+    ranges_ignored,
     read_bytes,
     redact,
 )
 from dist_seg.data.format.shards import ShardError, ShardSet
-from dist_seg.data.format.tar_members import iter_members
+from dist_seg.data.format.tar_members import iter_members, member_spans
+
+__all__ = [  # decoding lives in decode.py; the loaders import it from here, with the reader
+    "Piece",
+    "ShardReader",
+    "read_samples",
+    "sample_offsets",
+    "no_range_warning",
+    "RawSample",
+    "Sample",
+    "decode_sample",
+    "ErrorPolicy",
+    "READ_EXTS",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-READ_EXTS = frozenset((*IMAGE_EXTS, "seg.png", "json"))  # every other member stays unread
-assert IGNORE_INDEX == 255, "decode_sample's label range check relies on uint8 wrap-around"
+_OPEN_STREAMS = 2  # streams over shards of servers without Range a reader keeps open to continue
 
 
 @dataclass(frozen=True)
@@ -55,26 +74,74 @@ class Piece:
     stop: int
 
 
-@dataclass
-class RawSample:
-    shard: str
-    key: str
-    members: dict[str, bytes]  # extension ("jpg", "seg.png", "json") -> bytes (a bytearray); only READ_EXTS
-    index: int = -1  # position of the sample in its shard (tar order)
-
-
 def read_samples(
     shard: str, start: int = 0, stop: int | None = None, name: str | None = None
 ) -> Iterator[RawSample]:
-    """Samples start..stop-1 of a local tar shard in tar order (a sample = consecutive members sharing a key).
-    `name` is what samples and messages call the shard (its URL, for a cached copy).
+    """Samples start..stop-1 of a local tar shard in tar order (a sample = consecutive members sharing a key),
+    without an index: one walk over the tar's headers finds where samples start (`sample_offsets`), then
+    only the bytes of samples start..stop-1 are read. `name` is what samples and messages call the shard
+    (its URL, for a cached copy).
 
     Raises ShardError naming the shard and key on a damaged or truncated tar, and when the tar ends cleanly
     before `stop` (a shard cut at a member boundary: the expected count is what catches it).
     """
-    with _tar_errors(name or shard) as where:
-        with open(shard, "rb") as f:  # headers only: unread members' data is skipped by seeking
-            yield from _walk(f, name or shard, start, stop, where)
+    offsets = sample_offsets(shard, name)
+    stop = len(offsets) - 1 if stop is None else stop
+    yield from _local_run(shard, name or shard, offsets, start, stop)
+
+
+def sample_offsets(path: str, name: str | None = None) -> list[int]:
+    """Where each sample of a local tar starts, and where the last one ends: what a shard index holds, from
+    one walk over the member headers (only headers are read; member data is skipped by seeking)."""
+    offsets: list[int] = []
+    key: str | None = None
+    end = 0
+    with _tar_errors(name or path) as where, open(path, "rb", buffering=0) as f:
+        for member, lo, hi in member_spans(f):
+            k, _ = _member_key(member)
+            if k != key:
+                offsets.append(lo)
+                key, where.key, where.index = k, k, where.index + 1
+            end = hi
+    return offsets + [end]
+
+
+def _local_run(path: str, name: str, offsets: list[int], start: int, stop: int) -> Iterator[RawSample]:
+    """Samples [start, stop) of a local tar: bytes offsets[start]..offsets[stop], and not one more, one read
+    per sample (a buffered file would read ahead past the run; member-sized reads cost more calls)."""
+    if stop >= len(offsets):
+        raise _short(name, len(offsets) - 1, stop, None)
+    with _tar_errors(name) as where, open(path, "rb", buffering=0) as f:
+        f.seek(offsets[start])
+        for i in range(start, stop):
+            lo, hi = offsets[i], offsets[i + 1]
+            data = f.read(hi - lo)
+            if len(data) != hi - lo:  # truncated: parse what there is, so the error names the sample's key
+                _one_sample(data, name, i, lo, where)
+                raise tarfile.ReadError(f"unexpected end of data at byte {lo + len(data)} (sample #{i})")
+            yield _one_sample(data, name, i, lo, where)
+
+
+def _one_sample(data: bytes, shard: str, i: int, lo: int, where: _Where) -> RawSample:
+    """Sample #i of `shard` from its bytes (what its index says lie at `lo`..`lo + len(data)`)."""
+    where.index, where.key = i - 1, None  # _walk numbers on from here
+    got = list(_walk(io.BytesIO(data), shard, lo, where))
+    if len(got) != 1:
+        raise ShardError(
+            f"shard {redact(shard)}: bytes {lo}-{lo + len(data)} hold {len(got)} samples where its index "
+            f"puts sample #{i}: the index does not match the tar",
+            shard,
+        )
+    return got[0]
+
+
+def _short(shard: str, got: int, stop: int, key: str | None) -> ShardError:
+    return ShardError(
+        f"shard {redact(shard)}: ends after {got} samples (last key {key!r}) but {stop} were expected; "
+        "truncated or replaced since conversion?",
+        shard,
+        key,
+    )
 
 
 class _Where:
@@ -95,7 +162,8 @@ class _tar_errors:
         if isinstance(e, (tarfile.TarError, OSError, EOFError)):
             w = self.where
             raise ShardError(
-                f"shard {redact(self.shard)}: damaged or unreadable at sample {w.key!r} (#{w.index}): {e}",
+                f"shard {redact(self.shard)}: damaged or unreadable at sample {w.key!r} (#{w.index}): "
+                f"{redact(str(e))}",
                 self.shard,
                 w.key,
             ) from e
@@ -108,99 +176,171 @@ def _member_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def _walk(f: BinaryIO, shard: str, start: int, stop: int | None, where: _Where) -> Iterator[RawSample]:
+def _walk(f: BinaryIO, shard: str, offset: int, where: _Where) -> Iterator[RawSample]:
+    """The samples of the tar stream `f` (at byte `offset` of its shard), numbered on from `where.index`."""
     members: dict[str, bytes] = {}
-    for name, data in iter_members(f, READ_EXTS):
+    for name, data in iter_members(f, READ_EXTS, offset):
         k, ext = _member_key(name)
         if k != where.key:
-            if where.key is not None and where.index >= start:
+            if where.key is not None:
                 yield RawSample(shard, where.key, members, where.index)
             where.index, where.key, members = where.index + 1, k, {}
-            if stop is not None and where.index >= stop:
-                return
-        if where.index >= start and data is not None:
+        if data is not None:
             members[ext] = data
-    if where.key is not None and where.index >= start:
+    if where.key is not None:
         yield RawSample(shard, where.key, members, where.index)
-    if stop is not None and where.index + 1 < stop:
-        raise ShardError(
-            f"shard {redact(shard)}: ends after {where.index + 1} samples (last key {where.key!r}) but {stop} were "
-            "expected; truncated or replaced since conversion?",
-            shard,
-            where.key,
-        )
+
+
+class _Cursor:
+    """An open stream over a whole shard of a server without Range (or a shard without an index), continued
+    by the next run of the same shard instead of reading the shard again from byte 0."""
+
+    def __init__(self, stream: RemoteStream, samples: Iterator[RawSample] | None = None):
+        self.stream, self.samples = stream, samples
+        self.next_index = 0  # with `samples`: the index of the next sample it yields
+
+    def close(self) -> None:
+        if self.samples is not None:
+            self.samples.close()  # type: ignore[attr-defined]
+        self.stream.close()
 
 
 class ShardReader:
-    """Reads runs of samples of one ShardSet's shards. Local files: `read_samples`. URLs, with data.cache_dir:
-    the cache's verified copy. URLs without: one ranged read per run through the shard's index, every
-    sample's bytes checked against the index's sha256 before it is parsed (a corrupted byte is an error
-    naming the URL, never a training sample); shards of format version 1 (no index) are streamed from byte 0.
-    """
+    """Reads runs of samples of one ShardSet's shards, each byte once: local files and the cache's copies by
+    seeking to the run's bytes; URLs by one ranged read per run (every sample checked against the index's
+    sha256), or, from a server without Range, by continuing one stream per shard (module docstring)."""
 
     def __init__(self, shard_set: ShardSet, remote: RemoteOptions):
         self.entries, self.remote = shard_set.shard_entries, remote
-        self._indexes: dict[str, tuple[list[int], list[str]]] = {}
+        self.no_range = shard_set.no_range
+        self._indexes: dict[str, tuple[list[int], list[str] | None]] = {}  # shard -> offsets, digests
+        self._cursors: OrderedDict[str, _Cursor] = OrderedDict()  # most recently used last
+        self._unindexed: set[str] = set()  # URL shards without an index, warned about
 
     def samples(self, shard: str, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
+        entry = self.entries.get(shard, {})
+        stop = int(entry["samples"]) if stop is None and "samples" in entry else stop
         if not is_url(shard):
-            yield from read_samples(shard, start, stop)
+            offsets, _ = self._local_index(shard, entry)
+            yield from _local_run(shard, shard, offsets, start, len(offsets) - 1 if stop is None else stop)
             return
-        entry = self.entries[shard]
+        assert stop is not None, "a URL shard's sample count comes from its manifest"
+        note_ranges_ignored(self.no_range)  # probed by the rank (resolve_shards); workers learn it here
         if self.remote.cache_dir:
             try:
                 local = cached_copy(shard, int(entry["bytes"]), entry["sha256"], self.remote)
             except (CorruptShard, OSError) as e:
                 raise ShardError(f"shard {redact(shard)}: {e}", shard) from e
-            yield from read_samples(local, start, stop, name=shard)
+            offsets = self._index(shard, entry)[0] if entry.get("index") else None
+            offsets = offsets or self._local_index(local, {}, name=shard)[0]
+            yield from _local_run(local, shard, offsets, start, stop)
         elif entry.get("index"):
-            yield from self._ranged(shard, entry, start, int(entry["samples"]) if stop is None else stop)
+            yield from self._ranged(shard, entry, start, stop)
         else:
-            log.warning(
-                "shard %s has no index (format version 1): streamed from its first byte", redact(shard)
-            )
-            with _tar_errors(shard) as where:
-                stream = RangeReader(shard, 0, int(entry["bytes"]), self.remote)
-                yield from _walk(stream, shard, start, stop, where)  # type: ignore[arg-type]
+            yield from self._streamed(shard, entry, start, stop)
 
-    def _ranged(self, shard: str, entry: dict[str, Any], start: int, stop: int) -> Iterator[RawSample]:
-        offsets, digests = self._index(shard, entry)
-        reader = RangeReader(shard, offsets[start], offsets[stop], self.remote)
-        for i in range(start, stop):
-            lo, hi = offsets[i], offsets[i + 1]
-            try:
-                data = reader.read_exact(hi - lo)
-            except OSError as e:
-                raise ShardError(f"shard {redact(shard)}: cannot read sample #{i}: {e}", shard) from e
-            got = hashlib.sha256(data).hexdigest()
-            if got != digests[i]:
-                raise ShardError(
-                    f"shard {redact(shard)}: sample #{i} (bytes {lo}-{hi}) has sha256 {got[:16]}..., its index "
-                    f"says {digests[i][:16]}...: corrupted in transit or changed since conversion",
-                    shard,
-                )
-            with _tar_errors(shard) as where:
-                where.index = i - 1  # _walk counts from here: the block holds sample i only
-                got_samples = list(_walk(io.BytesIO(data), shard, i, i + 1, where))
-            yield got_samples[0]
+    def _local_index(
+        self, path: str, entry: dict[str, Any], name: str | None = None
+    ) -> tuple[list[int], list[str] | None]:
+        """A local shard's sample offsets: its index file when the manifest names one (checked against the
+        manifest's sha256), else a header walk, once per shard and reader."""
+        if path not in self._indexes:
+            index = os.path.join(os.path.dirname(path), entry["index"]) if entry.get("index") else None
+            if index is not None and os.path.isfile(index):
+                self._indexes[path] = _parse_index(_read_file(index), entry, index, path)
+            else:
+                if index is not None:
+                    log.warning(
+                        "shard index %s is missing: sample offsets from the tar headers instead", index
+                    )
+                self._indexes[path] = (sample_offsets(path, name), None)
+        return self._indexes[path]
 
-    def _index(self, shard: str, entry: dict[str, Any]) -> tuple[list[int], list[str]]:
+    def _index(self, shard: str, entry: dict[str, Any]) -> tuple[list[int], list[str] | None]:
         if shard not in self._indexes:
             url = join(parent(shard), entry["index"])
             try:
                 raw = read_bytes(url, self.remote)
             except OSError as e:
                 raise ShardError(f"shard index {redact(url)}: {e}", shard) from e
-            if hashlib.sha256(raw).hexdigest() != entry.get("index_sha256"):
-                raise ShardError(f"shard index {redact(url)}: sha256 differs from its manifest's", shard)
-            doc = json.loads(raw)
-            offsets, digests = doc["offsets"], doc["sha256"]
-            if len(offsets) != int(entry["samples"]) + 1 or len(digests) != int(entry["samples"]):
-                raise ShardError(
-                    f"shard index {redact(url)}: does not describe {entry['samples']} samples", shard
-                )
-            self._indexes[shard] = (offsets, digests)
+            self._indexes[shard] = _parse_index(raw, entry, url, shard)
         return self._indexes[shard]
+
+    def _ranged(self, shard: str, entry: dict[str, Any], start: int, stop: int) -> Iterator[RawSample]:
+        offsets, digests = self._index(shard, entry)
+        assert digests is not None
+        stream, cursor = self._stream(shard, entry, offsets[start], offsets[stop])
+        try:
+            for i in range(start, stop):
+                lo, hi = offsets[i], offsets[i + 1]
+                try:
+                    data = stream.read_exact(hi - lo)
+                except OSError as e:
+                    raise ShardError(f"shard {redact(shard)}: cannot read sample #{i}: {e}", shard) from e
+                got = hashlib.sha256(data).hexdigest()
+                if got != digests[i]:
+                    raise ShardError(
+                        f"shard {redact(shard)}: sample #{i} (bytes {lo}-{hi}) has sha256 {got[:16]}..., its "
+                        f"index says {digests[i][:16]}...: corrupted in transit or changed since conversion",
+                        shard,
+                    )
+                with _tar_errors(shard) as where:
+                    yield _one_sample(data, shard, i, lo, where)
+        finally:
+            if cursor is None:
+                stream.close()  # a ranged read ends with its run; a cursor's stream goes on
+
+    def _stream(
+        self, shard: str, entry: dict[str, Any], lo: int, hi: int
+    ) -> tuple[RemoteStream, _Cursor | None]:
+        """A stream at byte `lo` of `shard`: a ranged read of [lo, hi), or, from a server without Range, the
+        shard's open stream moved forward to `lo` (a new one from byte 0 when it is past `lo` already)."""
+        if not ranges_ignored(shard):  # (a server answering this very read with the whole file: see there)
+            return RemoteStream(shard, lo, hi, self.remote), None
+        cursor = self._cursors.get(shard)
+        if cursor is None or cursor.stream.pos > lo:
+            cursor = self._open_cursor(
+                shard, _Cursor(RemoteStream(shard, 0, int(entry["bytes"]), self.remote))
+            )
+        self._cursors.move_to_end(shard)
+        cursor.stream.skip_to(lo)
+        return cursor.stream, cursor
+
+    def _open_cursor(self, shard: str, cursor: _Cursor) -> _Cursor:
+        old = self._cursors.pop(shard, None)
+        if old is not None:
+            old.close()
+        self._cursors[shard] = cursor
+        while len(self._cursors) > _OPEN_STREAMS:
+            self._cursors.popitem(last=False)[1].close()
+        return cursor
+
+    def _streamed(self, shard: str, entry: dict[str, Any], start: int, stop: int) -> Iterator[RawSample]:
+        """A shard without an index (format version 1) at a URL: one stream from byte 0, its tar walked, the
+        walk continued by the next run of the shard (a run before where it stands starts a new stream)."""
+        cursor = self._cursors.get(shard)
+        if cursor is None or cursor.samples is None or cursor.next_index > start:
+            if shard not in self._unindexed:
+                self._unindexed.add(shard)
+                log.warning(
+                    "shard %s has no index (format version 1): streamed from its first byte", redact(shard)
+                )
+            stream = RemoteStream(shard, 0, int(entry["bytes"]), self.remote)
+            cursor = self._open_cursor(shard, _Cursor(stream, self._walk_stream(shard, stream)))
+        self._cursors.move_to_end(shard)
+        while cursor.next_index < stop:
+            try:
+                raw = next(cursor.samples)  # type: ignore[arg-type]
+            except StopIteration:
+                self._cursors.pop(shard).close()
+                raise _short(shard, cursor.next_index, stop, None) from None
+            cursor.next_index += 1
+            if raw.index >= start:
+                yield raw
+
+    def _walk_stream(self, shard: str, stream: RemoteStream) -> Iterator[RawSample]:
+        with _tar_errors(shard) as where:
+            yield from _walk(stream, shard, 0, where)  # type: ignore[arg-type]
 
     def read_pieces(self, pieces: list[Piece], errors: ErrorPolicy) -> Iterator[RawSample]:
         """The samples of `pieces` in order; a damaged piece loses its remaining samples to `errors`."""
@@ -211,81 +351,46 @@ class ShardReader:
                     n += 1
                     yield raw
             except ShardError as e:
+                self._drop_cursor(p.shard)
                 errors.handle(e, lost=max(1, p.stop - p.start - n))
 
+    def _drop_cursor(self, shard: str) -> None:
+        cursor = self._cursors.pop(shard, None)
+        if cursor is not None:
+            cursor.close()
 
-@dataclass
-class Sample:
-    key: str
-    image: Tensor  # uint8 [3, H, W]
-    mask: Tensor | None  # uint8 [H, W]
-    meta: dict[str, Any] | None
-
-
-def decode_sample(raw: RawSample, labelled: bool, num_classes: int) -> Sample:
-    """Decode image (torchvision.io, libjpeg-turbo), label map and metadata json; ShardError on bad data."""
-    where = f"shard {raw.shard}: sample {raw.key!r}"
-    ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
-    if ext is None:
-        raise ShardError(f"{where}: no .jpg/.png image member", raw.shard, raw.key)
-    if labelled and "seg.png" not in raw.members:
-        raise ShardError(f"{where}: no .seg.png label map in a labelled dataset", raw.shard, raw.key)
-    try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders for TorchCodec (pyproject pins < 0.30); they remain the
-            # fastest way from JPEG bytes to a uint8 tensor here (benchmarks/input_pipeline.py measures it)
-            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-            image = decode_image(_tensor(raw.members[ext]), mode=ImageReadMode.RGB)
-            seg = raw.members["seg.png"] if labelled else None
-            mask = decode_png(_tensor(seg), mode=ImageReadMode.GRAY)[0] if seg is not None else None
-        meta = json.loads(raw.members["json"]) if "json" in raw.members else None
-    except (RuntimeError, ValueError) as e:
-        raise ShardError(f"{where}: cannot decode: {e}", raw.shard, raw.key) from e
-    if mask is not None:
-        if mask.shape != image.shape[1:]:
-            raise ShardError(
-                f"{where}: label map {tuple(mask.shape)} vs image {tuple(image.shape[1:])}",
-                raw.shard,
-                raw.key,
-            )
-        # a map without ignore pixels passes on its max alone; with them, uint8 wraps 255 (ignore) to 0, so
-        # valid maps have every value + 1 <= num_classes (~20x faster than comparing twice). A bad value would
-        # otherwise surface as a device assert in the loss
-        if int(mask.max()) >= num_classes and int((mask + 1).max()) > num_classes:
-            raise ShardError(
-                f"{where}: label map has values >= num_classes={num_classes}", raw.shard, raw.key
-            )
-    return Sample(raw.key, image, mask, meta)
+    def close(self) -> None:
+        """Close the streams kept open to continue (a reader that is done with its pass)."""
+        for shard in list(self._cursors):
+            self._drop_cursor(shard)
 
 
-def _tensor(data: bytes | bytearray) -> Tensor:
-    if not isinstance(data, bytearray):
-        data = bytearray(data)  # a copy: torch wants a writable buffer (the tar reader gives bytearrays)
-    return torch.frombuffer(data, dtype=torch.uint8)
+def no_range_warning(shard_set: ShardSet, what: str) -> str | None:
+    """What a rank says once when the shards' servers ignore Range, naming them and the cost; None if none."""
+    if not shard_set.no_range:
+        return None
+    return (
+        f"{what}: {', '.join(sorted(shard_set.no_range))} ignore(s) HTTP Range requests, so each loader "
+        "worker reads a shard as one stream from its first byte: a worker whose samples start inside a shard also "
+        "downloads the bytes before them, and a resume or a dropped connection reads a shard again from its "
+        "start. Each rank still reads only its own shards. "
+        "Serve the shards with Range support (nginx, Apache, object storage) or set data.cache_dir to "
+        "download each shard once per machine."
+    )
 
 
-class ErrorPolicy:
-    """on_error bookkeeping of one worker for one pass: raise, or count, warn once per shard and cap."""
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
-    def __init__(self, mode: str, max_errors: int, already: int = 0):
-        self.mode, self.cap, self.already = mode, max_errors, already
-        self.count = 0
-        self.warned: set[str | None] = set()
 
-    def handle(self, err: ShardError, lost: int = 1) -> None:
-        if self.mode == "raise":
-            raise err
-        self.count += lost
-        if err.shard not in self.warned:
-            self.warned.add(err.shard)
-            log.warning(
-                "on_error=skip: skipped %d sample(s): %s (later errors in this shard: counted only)",
-                lost,
-                err,
-            )
-        if self.already + self.count > self.cap:
-            raise ShardError(
-                f"{self.already + self.count} samples skipped, more than data.max_errors={self.cap}; last: {err}",
-                err.shard,
-                err.key,
-            ) from err
+def _parse_index(raw: bytes, entry: dict[str, Any], where: str, shard: str) -> tuple[list[int], list[str]]:
+    """(offsets, sha256 per sample) of a shard index, checked against the manifest entry's sha256 and sample
+    count; ShardError naming the index otherwise."""
+    if hashlib.sha256(raw).hexdigest() != entry.get("index_sha256"):
+        raise ShardError(f"shard index {redact(where)}: sha256 differs from its manifest's", shard)
+    doc = json.loads(raw)
+    offsets, digests = doc["offsets"], doc["sha256"]
+    if len(offsets) != int(entry["samples"]) + 1 or len(digests) != int(entry["samples"]):
+        raise ShardError(f"shard index {redact(where)}: does not describe {entry['samples']} samples", shard)
+    return offsets, digests

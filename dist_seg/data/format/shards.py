@@ -1,5 +1,6 @@
 """Shard lists: resolve shard specs (local directories, URLs, brace patterns, comma lists of them) against
-their manifests. webdataset's `braceexpand` expands shard patterns; reading is dist_seg.data.format.reader.
+their manifests. `braceexpand` (webdataset's pattern syntax) expands shard patterns; reading is
+dist_seg.data.format.reader.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dist_seg.data.format.remote import (
     local_path,
     parent,
     redact,
+    server,
     size,
+    supports_ranges,
 )
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,15 @@ def _one_url_source(
     return directory, manifest, entries
 
 
+def _servers_without_range(urls: list[str], remote: RemoteOptions) -> frozenset[str]:
+    """The servers of `urls` that ignore Range requests: one probe per server (remote.supports_ranges)."""
+    first = {server(u): u for u in reversed(urls) if is_url(u)}
+    try:
+        return frozenset(s for s, u in first.items() if not supports_ranges(u, remote))
+    except OSError as e:
+        raise ValueError(f"cannot read the shards: {e}") from None
+
+
 def _remote_size(url: str, remote: RemoteOptions) -> int:
     try:
         return size(url, remote)
@@ -152,6 +164,7 @@ class ShardSet:
     class_stats: list[dict[str, Any]] | None  # per-class pixel/image counts summed over directories
     directories: list[str]
     shard_entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> its manifest entry
+    no_range: frozenset[str] = frozenset()  # servers (scheme://host:port) that ignore HTTP Range requests
 
     @property
     def paths(self) -> list[str]:
@@ -213,6 +226,7 @@ def resolve_shards(spec: str, remote: RemoteOptions | None = None) -> ShardSet:
         class_stats=stats,
         directories=dirs,
         shard_entries={p: entries[p] for p in sorted(entries)},
+        no_range=_servers_without_range(sorted(entries), remote),
     )
 
 
@@ -222,7 +236,7 @@ def dataset_classes(spec: str, num_classes: int | None, remote: RemoteOptions | 
     shard_set = resolve_shards(spec, remote)
     if num_classes is not None and num_classes != shard_set.num_classes:
         raise ValueError(
-            f"config key model.num_classes={num_classes} but the shards {spec} have "
+            f"config key model.num_classes={num_classes} but the shards {redact(spec)} have "
             f"{shard_set.num_classes} classes"
         )
     return shard_set

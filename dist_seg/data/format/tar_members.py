@@ -72,10 +72,13 @@ def _pax_size(pax: dict[str, str], offset: int) -> int:
 class _Stream:
     """Exact reads and forward skips with the byte offset kept, on seekable files and plain streams alike."""
 
-    def __init__(self, f: BinaryIO):
-        self.f, self.offset = f, 0
+    def __init__(self, f: BinaryIO, offset: int = 0):
+        self.f, self.offset = f, offset
         seekable = getattr(f, "seekable", None)
         self.seekable = bool(seekable()) if seekable is not None else False
+        # files (buffered or raw) and BytesIO read straight into a bytearray; other streams through read()
+        raw = isinstance(f, io.RawIOBase) and type(f).readinto is not io.RawIOBase.readinto
+        self.readinto = isinstance(f, io.BufferedIOBase) or raw
 
     def read(self, n: int, what: str) -> bytes:
         data = self.f.read(n)
@@ -86,7 +89,7 @@ class _Stream:
 
     def read_writable(self, n: int, what: str) -> bytearray:
         """n bytes into a fresh bytearray, which torch can wrap without the copy it makes of bytes."""
-        if not isinstance(self.f, (io.BufferedIOBase, io.FileIO)):  # files and BytesIO; other streams: read
+        if not self.readinto:
             return bytearray(self.read(n, what))
         readinto = self.f.readinto
         data = bytearray(n)
@@ -108,14 +111,15 @@ class _Stream:
         self.offset += n
 
 
-def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, bytearray | None]]:
-    """(name, data) of every regular file of the tar stream `f`, in order: data (a bytearray) for the members
-    whose extension (what follows the first dot of the base name, lower-cased) is in `wanted`, None for the others, whose data
-    is skipped by seeking (or read and dropped on a plain stream). The stream ends at its first zero block or
-    at a clean end of file; anything else short or malformed raises tarfile.ReadError with its byte offset."""
-    s = _Stream(f)
+def _regular_members(s: _Stream) -> Iterator[tuple[str, int, int]]:
+    """(name, size, offset of its first header) of each regular file of the stream, in order, with the stream
+    at the member's data: the caller reads or skips the padded data before asking for the next member. The
+    offset counts the pax or GNU headers that precede a member, so it is where a shard index says the member's
+    sample starts. Ends at the first zero block or at a clean end of file."""
+    f = s.f
     pax: dict[str, str] = {}
     long_name: str | None = None
+    first: int | None = None  # where the current member's chain of headers began
     while True:
         at = s.offset
         header = f.read(BLOCK)
@@ -125,6 +129,7 @@ def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, byt
             raise tarfile.ReadError(f"truncated tar header at byte {at}")
         s.offset += BLOCK
         _check(header, at)
+        first = at if first is None else first
         kind = header[156:157]
         size = _pax_size(pax, at) if "size" in pax and kind not in _META else _number(header[124:136])
         padded = -(-size // BLOCK) * BLOCK
@@ -146,12 +151,26 @@ def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, byt
                 if prefix:
                     name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         sparse = any(k.startswith("GNU.sparse") for k in pax)
-        pax, long_name = {}, None
+        pax, long_name, start, first = {}, None, first, None
         if kind in _SKIPPED:
             s.skip(padded, name)
             continue
         if kind not in _REGULAR or sparse:
             raise tarfile.ReadError(f"tar member {name!r} at byte {at}: unsupported type {kind!r}")
+        yield name, size, start
+
+
+def iter_members(
+    f: BinaryIO, wanted: frozenset[str], offset: int = 0
+) -> Iterator[tuple[str, bytearray | None]]:
+    """(name, data) of every regular file of the tar stream `f`, in order: data (a bytearray) for the members
+    whose extension (what follows the first dot of the base name, lower-cased) is in `wanted`, None for the
+    others, whose data is skipped by seeking (or read and dropped on a plain stream). The stream ends at its
+    first zero block or at a clean end of file; anything else short or malformed raises tarfile.ReadError
+    with its byte offset (counted from `offset`, where `f` starts in its tar: a reader that seeked there)."""
+    s = _Stream(f, offset)
+    for name, size, _ in _regular_members(s):
+        padded = -(-size // BLOCK) * BLOCK
         base = name.rpartition("/")[2]
         if base.partition(".")[2].lower() in wanted:
             data = s.read_writable(size, name)
@@ -160,3 +179,13 @@ def iter_members(f: BinaryIO, wanted: frozenset[str]) -> Iterator[tuple[str, byt
         else:
             s.skip(padded, name)
             yield name, None
+
+
+def member_spans(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
+    """(name, first byte, end byte) of every regular file of the tar `f`: from its first header (pax and GNU
+    headers included) to the end of its padded data. Only headers are read; data is skipped by seeking, so
+    on an unbuffered file this reads 512 bytes per header and nothing else."""
+    s = _Stream(f)
+    for name, size, start in _regular_members(s):
+        s.skip(-(-size // BLOCK) * BLOCK, name)
+        yield name, start, s.offset

@@ -10,6 +10,7 @@ live in dist_seg.data.format.reader, the error policy too.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from dist_seg.data.format.reader import (
     Sample,
     ShardReader,
     decode_sample,
+    no_range_warning,
 )
 from dist_seg.data.format.remote import RemoteOptions
 from dist_seg.data.format.shards import ShardError, ShardSet, resolve_shards
@@ -91,6 +93,7 @@ class _EvalStream(IterableDataset):
                 batch = []
         if batch:
             yield self._collate(batch, errors.count, worker)
+        self.reader.close()  # the pass is done: no stream is left open to continue
 
     def _collate(
         self, batch: list[tuple[Sample, Tensor, Tensor | None]], skipped: int, worker: int
@@ -147,4 +150,6 @@ def build_eval_loader(
     if not spec:
         raise ValueError("config key data.val_shards is not set")
     shard_set = resolve_shards(spec, RemoteOptions.from_config(cfg))
+    if rank == 0 and (note := no_range_warning(shard_set, "evaluation shards")):
+        logging.getLogger(__name__).warning(note)
     return EvalLoader(cfg, _EvalStream(cfg, shard_set, rank, world_size, size_divisor, min_size), shard_set)

@@ -11,13 +11,15 @@ so every rank yields exactly S full batches, whatever the shard sizes, and no sa
 epoch. Each epoch reads that sequence cyclically from an offset drawn from (seed, epoch), so the
 N - S*B*W samples that sit an epoch out change every epoch, even with a single shard.
 Ranges cut shards at sample level, so any shard count works: with fewer shards than ranks x workers, readers
-share shards (rank 0 warns). A reader walks the tar headers and seeks over samples outside its range.
+share shards (rank 0 warns). A reader seeks with the shard's index to its range and reads nothing outside it.
 Inside a worker, its range is emitted in windows of data.shuffle_buffer consecutive samples, each window in an
 order drawn from (seed, epoch, segment, rank, worker, window), and each sample is augmented with an RNG drawn
-from (seed, epoch, sample id) (the draws and their order: dist_seg.data.loading.transforms). So a pass can start at any batch (DataPosition) without reading the batches
-before it, which is how a resume continues an epoch; a resume on another geometry continues the epoch in a
-new segment over the samples not used yet (dist_seg.data.loading.plan, dist_seg.train.resume). A run is reproducible for a
-given world size, batch size and data.num_workers.
+from (seed, epoch, sample id) (the draws and their order: dist_seg.data.loading.transforms), after the
+user's own pipeline when data.augment names one (seeded from the same three: dist_seg.data.loading.augment).
+So a pass can start at any batch (DataPosition) without reading the batches before it, which is how a
+resume continues an epoch; a resume on another geometry continues the epoch in a new segment over the
+samples not used yet (dist_seg.data.loading.plan, dist_seg.train.resume). A run is reproducible for a given
+world size, batch size and data.num_workers.
 
 Errors (data.on_error). `raise`: ShardError naming the shard and the sample key. `skip`: the sample is dropped
 and counted, one warning per shard, and a ShardError once a rank has skipped more than data.max_errors. A
@@ -54,9 +56,11 @@ from dist_seg.data.format.reader import (
     Sample,
     ShardReader,
     decode_sample,
+    no_range_warning,
 )
-from dist_seg.data.format.remote import RemoteOptions, retry_count
+from dist_seg.data.format.remote import RemoteOptions, redact, retry_count
 from dist_seg.data.format.shards import ShardError, ShardSet, resolve_shards
+from dist_seg.data.loading.augment import UserAugment, sample_seeds
 from dist_seg.data.loading.colour import COLOUR_ROWS, Clip, colour_range, to_model_input
 from dist_seg.data.loading.plan import (
     TAG_AUG,
@@ -92,7 +96,7 @@ _REFILL_RING = 16  # recent good samples a worker may re-use in place of skipped
 
 
 # ---------------------------------------------------------------------------------------------- training
-TRAIN_TENSORS = ("images", "masks", "colour")  # what prefetch.Prefetcher moves of a TrainBatch (sizes stay)
+TRAIN_TENSORS = ("images", "masks", "colour", "coverage")  # what prefetch.Prefetcher moves (sizes stay)
 
 
 @dataclass
@@ -108,10 +112,13 @@ class TrainBatch:
     worker: int
     retries: int = 0  # transient network faults this worker has retried so far in this pass
     clip: Clip | None = None  # with colour jitter: the 0..1 range to clip to (colour.colour_range)
+    coverage: Tensor | None = None  # with data.augment: uint8 [B, crop, crop], 0 where no source pixel landed
 
     def model_input(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
         """(float32 normalised images, int64 masks) on the batch's device: call after moving it there."""
         images = to_model_input(self.images, self.colour, self.sizes, channels_last, self.clip)
+        if self.coverage is not None:  # uncovered pixels (augment.py): 0.0, the mean colour, as the padding
+            images.mul_(self.coverage[:, None])
         return images, self.masks.long()
 
     def pin_memory(self) -> TrainBatch:  # DataLoader(pin_memory=True) calls this
@@ -120,6 +127,7 @@ class TrainBatch:
             images=self.images.pin_memory(),
             masks=self.masks.pin_memory(),
             colour=self.colour.pin_memory(),
+            coverage=self.coverage.pin_memory() if self.coverage is not None else None,
         )
 
 
@@ -143,6 +151,7 @@ class _TrainStream(IterableDataset):
             world_size, cfg.batch_size, max(1, cfg.num_workers), max(1, cfg.shuffle_buffer)
         )
         self.transform = TrainTransform(cfg)
+        self.augment = UserAugment(cfg.augment) if cfg.augment else None  # data.augment
         self.reader = ShardReader(shard_set, RemoteOptions.from_config(cfg))
         self.base = id_base(shard_set.shard_samples)
         # persistent workers keep their own copy of this object: the position and prior skips reach them
@@ -184,26 +193,36 @@ class _TrainStream(IterableDataset):
             masks = _batch_tensor((b, crop, crop), torch.uint8)
             colour = _batch_tensor((b, COLOUR_ROWS, 3), torch.float32)
             sizes = _batch_tensor((b, 2), torch.int32)
+            coverage = _batch_tensor((b, crop, crop), torch.uint8) if self.augment else None
             colour_rows, content = colour.numpy(), sizes.numpy()  # views: a numpy store is ~10x cheaper
             keys = []
             for i in range(b):
                 s, sample_id = next(samples)
                 assert s.mask is not None
+                image, mask, covered = s.image, s.mask, None
+                if self.augment is not None:  # the user's pipeline, on the whole sample, its own seeds
+                    seeds = sample_seeds(self.seed, epoch, sample_id)
+                    where = f"sample {s.key!r}, id {sample_id}"
+                    image, mask, covered = self.augment(image, mask, seeds, where)
                 # augmentation drawn per sample: the same crop, flip and colour whichever reader, rank or resume
                 rng = random.Random(derive_seed(TAG_AUG, self.seed, epoch, sample_id))
-                rows, content[i] = self.transform.apply(s.image, s.mask, rng, images[i], masks[i])
+                slot = coverage[i] if coverage is not None else None
+                rows, content[i] = self.transform.apply(image, mask, rng, images[i], masks[i], covered, slot)
                 colour_rows[i] = rows.numpy()
                 keys.append(s.key)
             retries = retry_count() - retries_before
             clip = colour_range(self.cfg.mean, self.cfg.std) if self.cfg.color_jitter > 0 else None
-            yield TrainBatch(images, masks, colour, sizes, keys, errors.count, worker, retries, clip)
+            count = errors.count
+            yield TrainBatch(images, masks, colour, sizes, keys, count, worker, retries, clip, coverage)
+        self.reader.close()  # the pass is done: no stream is left open to continue
 
     def _samples(
         self, pieces: list[Piece], start: int, quota: int, seeds: tuple[int, ...], errors: ErrorPolicy
     ) -> Iterator[tuple[Sample, int]]:
         """(sample, id) in the reader's emission order from its `start`-th emission, window by window: a window
-        is read whole (at most data.shuffle_buffer samples), the samples before it are never read (their tar
-        headers are seeked past), and a sample already emitted before `start` is not decoded again."""
+        is read whole (at most data.shuffle_buffer samples), the samples before it are never read (the
+        reader seeks to the window's first sample with the shard's index), and a sample already emitted
+        before `start` is not decoded again."""
         ids = list(piece_ids(pieces, self.base))
         by_id = {i: pos for pos, i in enumerate(ids)}
         ring: deque[tuple[RawSample, int]] = deque(maxlen=_REFILL_RING)
@@ -329,20 +348,22 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, e
     shard_set = resolve_shards(cfg.train_shards, RemoteOptions.from_config(cfg))
     if not shard_set.has_labels:
         raise ValueError(
-            f"data.train_shards={cfg.train_shards}: these shards have no label maps (a test split?)"
+            f"data.train_shards={redact(cfg.train_shards)}: these shards have no label maps (a test split?)"
         )
     global_batch = cfg.batch_size * world_size
     steps = segment_steps(shard_set.total_samples, cfg.batch_size, world_size)
     if steps < 1:
         raise ValueError(
-            f"data.train_shards={cfg.train_shards} holds {shard_set.total_samples} samples, fewer than one global "
+            f"data.train_shards={redact(cfg.train_shards)} holds {shard_set.total_samples} samples, fewer than one global "
             f"batch (data.batch_size={cfg.batch_size} x {world_size} ranks = {global_batch})"
         )
     readers = world_size * max(1, cfg.num_workers)
+    if rank == 0 and (note := no_range_warning(shard_set, "data.train_shards")):
+        log.warning(note)
     if rank == 0 and len(shard_set.paths) < readers:
         log.warning(
-            "%d shard(s) for %d ranks x %d workers: readers share shards (sample-level split; each scans the "
-            "headers of a shared shard). Convert with --min-shards %d for one shard per reader.",
+            "%d shard(s) for %d ranks x %d workers: readers share shards (sample-level split; each reads only its "
+            "own samples of a shared shard). Convert with --min-shards %d for one shard per reader.",
             len(shard_set.paths),
             world_size,
             max(1, cfg.num_workers),

@@ -25,9 +25,12 @@ padding is uint8 0, label padding IGNORE_INDEX (no loss, no metric). The colour 
 sample's geometry only through those host-side sizes: it applies the colour rows to the content rectangle and
 writes 0.0 beyond it, the mean colour after normalisation, so the uint8 0 of the padding never reaches the
 model as (0 - mean) / std. Anything inside the rectangle is content to it, jittered and normalised like the
-rest: a transform that creates empty area inside the image (rotation corners, affine or perspective borders)
-must fill the label map with IGNORE_INDEX and should fill the image with the mean colour
-(round(255 * data.mean)), which normalises to about 0, like the padding.
+rest, with one exception: with data.augment, a batch also carries each sample's coverage plane
+(TrainBatch.coverage, uint8 1 where a source pixel landed), and pixels with 0 there, where a user transform
+created empty area inside the image (rotation corners, affine, perspective or elastic borders), become 0.0 on
+the device as the padding does. On the host those pixels hold label IGNORE_INDEX, whatever fill the
+transform used, and the image keeps that fill (dist_seg.data.loading.augment); the contrast's grey level
+leaves them out.
 
 Random draws. Each training sample is augmented with its own random.Random, seeded with
 plan.derive_seed(plan.TAG_AUG, train.seed, epoch, sample id), where the sample id is its global index (shards
@@ -52,14 +55,15 @@ Adding an augmentation. A built-in one goes into TrainTransform.apply, on the ui
 is written, moving image and label map together (labels nearest-exact, never interpolated), with its draws
 placed as above and its config keys in DataConfig; a colour one adds to the colour rows if it is linear in
 the pixel (a 3x3 matrix and a bias), and otherwise needs the float pixels, i.e. a step in colour.py.
-User-supplied pipelines (the planned `data.augment`: torchvision.transforms.v2 or albumentations) plug in
-between decoding and TrainTransform.apply, in the loader worker's loop (train_loader._TrainStream.__iter__,
-where each decoded sample meets its rng), on the full sample's uint8 image [3, H, W] and label map [H, W],
-before the built-in scale and crop: in the workers they cost no device time and see whole images. They draw
-from the global torch / numpy / random generators, which the worker must seed around the call from their own
-stream (a new TAG with the sample id, as above), so that they are reproducible and resume-exact like the
-built-in draws and leave those unchanged. They must hand back uint8 again, keep the label map's values
-(classes or IGNORE_INDEX), and fill as described under fill and padding.
+User-supplied pipelines (`data.augment`: torchvision.transforms.v2 or albumentations, loaded, seeded and
+checked by dist_seg.data.loading.augment) plug in between decoding and TrainTransform.apply, in the loader
+worker's loop (train_loader._TrainStream.__iter__, where each decoded sample meets its seeds), on the full
+sample's uint8 image [3, H, W] and label map [H, W], before the built-in scale and crop: in the workers they
+cost no device time and see whole images. They draw from torch's, numpy's and python's global generators (and
+albumentations from its own), which augment.py seeds around each call from their own stream
+(augment.TAG_USER_AUG with the sample id), so they are reproducible and resume-exact like the built-in draws
+and leave those unchanged. What they hand back is checked on every sample: uint8 again, the label map's values
+kept (its classes or IGNORE_INDEX), one size for image, label map and coverage.
 """
 
 from __future__ import annotations
@@ -80,9 +84,14 @@ def resize_pair(image: Tensor, mask: Tensor | None, size: tuple[int, int]) -> tu
     if tuple(image.shape[-2:]) == tuple(size):
         return image, mask
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    if mask is not None:
-        mask = F.interpolate(mask[None, None], size=size, mode="nearest-exact")[0, 0]
-    return image, mask
+    return image, resize_label(mask, size) if mask is not None else None
+
+
+def resize_label(plane: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a label map (or any [H, W] plane of codes) to size (h, w), nearest-exact: values are kept."""
+    if tuple(plane.shape) == tuple(size):
+        return plane
+    return F.interpolate(plane[None, None], size=size, mode="nearest-exact")[0, 0]
 
 
 class TrainTransform:
@@ -111,11 +120,20 @@ class TrainTransform:
         return to_model_input(out, colour[None], [size], clip=clip)[0], out_mask
 
     def apply(
-        self, image: Tensor, mask: Tensor, rng: random.Random, out: Tensor, out_mask: Tensor
+        self,
+        image: Tensor,
+        mask: Tensor,
+        rng: random.Random,
+        out: Tensor,
+        out_mask: Tensor,
+        coverage: Tensor | None = None,
+        out_coverage: Tensor | None = None,
     ) -> tuple[Tensor, tuple[int, int]]:
         """Augment one sample's geometry into out (uint8 [3, crop, crop], planar) and out_mask
         (uint8 [crop, crop]); return its colour rows [COLOUR_ROWS, 3] and content size (h, w) for
-        colour.to_model_input. The random draws, in order: scale, crop top, crop left, flip, jitter factors."""
+        colour.to_model_input. The random draws, in order: scale, crop top, crop left, flip, jitter factors.
+        With data.augment, out_coverage (uint8 [crop, crop]) receives the coverage plane of the user's
+        pipeline (augment.UserAugment; None: all covered) moved like the label map, 0 in the padding."""
         crop = self.crop
         h, w = image.shape[-2:]
         s = rng.uniform(*self.scale)
@@ -128,20 +146,38 @@ class TrainTransform:
             image[:, y : y + reg_h, x : x + reg_w], mask[y : y + reg_h, x : x + reg_w], (out_h, out_w)
         )
         assert mask_r is not None
+        if coverage is not None:  # moved exactly as the label map (nearest-exact, same region and size)
+            coverage = resize_label(coverage[y : y + reg_h, x : x + reg_w], (out_h, out_w))
         if rng.random() < self.hflip_prob:
             image, mask_r = image.flip(-1), mask_r.flip(-1)
+            coverage = coverage.flip(-1) if coverage is not None else None
         out[:, :out_h, :out_w].copy_(image)
         out_mask[:out_h, :out_w].copy_(mask_r)
+        if out_coverage is not None:
+            if coverage is None:
+                out_coverage[:out_h, :out_w].fill_(1)
+            else:
+                out_coverage[:out_h, :out_w].copy_(coverage)
         if (out_h, out_w) != (crop, crop):  # pad bottom/right: mask 255; the image's padding becomes 0 (the
             out[:, out_h:].zero_()  # mean colour) on the device, from the content size; zeroed here so
             out[:, :out_h, out_w:].zero_()  # that a batch never carries stale bytes
             out_mask[out_h:].fill_(IGNORE_INDEX)
             out_mask[:out_h, out_w:].fill_(IGNORE_INDEX)
+            if out_coverage is not None:
+                out_coverage[out_h:].zero_()
+                out_coverage[:out_h, out_w:].zero_()
         if self.jitter <= 0:
             return self.plain, (out_h, out_w)
         factors = tuple(rng.uniform(1.0 - self.jitter, 1.0 + self.jitter) for _ in range(3))
-        # the contrast's mean grey level, from every 4th row and column: plenty for an augmentation
-        sub_mean = image[:, ::4, ::4].float().mean((1, 2)).tolist()
+        # the contrast's mean grey level, from every 4th row and column (plenty for an augmentation), of the
+        # covered pixels only: uncovered ones are not content
+        sub = image[:, ::4, ::4].float()
+        if coverage is None:
+            sub_mean = sub.mean((1, 2)).tolist()
+        else:
+            weight = coverage[::4, ::4].float()
+            n = float(weight.sum())
+            sub_mean = ((sub * weight).sum((1, 2)) / n).tolist() if n > 0 else sub.mean((1, 2)).tolist()
         return jitter_colour(sub_mean, factors, self.mean, self.std), (out_h, out_w)  # type: ignore[arg-type]
 
 
