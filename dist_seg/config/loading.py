@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dist_seg.config.schema import CHOICES, Config, validate
+from dist_seg.config.schema import CHOICES, Config
+from dist_seg.config.validation import validate
 from dist_seg.data import IGNORE_INDEX
 
 # keys that no longer exist, with what to do instead (OmegaConf's own message would only say "not in schema")
@@ -142,3 +143,11 @@ def _key_of(e: OmegaConfBaseException) -> str:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. stored in a checkpoint)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)

@@ -117,7 +117,8 @@ def test_gradient_compression_hooks_deliver_the_mean_gradient_within_their_forma
 
 
 def test_an_unknown_gradient_compression_is_a_config_error() -> None:
-    from dist_seg.config.schema import Config, TrainConfig, validate
+    from dist_seg.config.schema import Config, TrainConfig
+    from dist_seg.config.validation import validate
 
     with pytest.raises(ValueError, match=r"train.grad_compression='zip': expected one of none, fp16, bf16"):
         validate(Config(train=TrainConfig(grad_compression="zip")))

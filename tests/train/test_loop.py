@@ -215,7 +215,8 @@ def test_training_stops_early_with_a_checkpoint_and_a_resume_does_not_train_on(
 
 
 def test_early_stop_without_validation_shards_is_a_config_error() -> None:
-    from dist_seg.config.schema import Config, TrainConfig, validate
+    from dist_seg.config.schema import Config, TrainConfig
+    from dist_seg.config.validation import validate
 
     with pytest.raises(ValueError, match=r"train.early_stop_patience=3 needs data.val_shards"):
         validate(Config(train=TrainConfig(early_stop_patience=3)))

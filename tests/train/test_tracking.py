@@ -245,3 +245,12 @@ def test_a_run_with_trackers_that_raise_hang_or_cannot_open_trains_and_reports_t
     assert quiet.reports["close"] == [("finished",)]
     ck = load_checkpoint(out / "last.pt")
     assert ck["run_key"] == quiet.setup.run_key and ck["train_state"]["step"] == 4
+
+
+def test_the_trackers_built_by_name_are_the_names_the_config_accepts() -> None:
+    """config.validation accepts train.loggers names before any process starts; tracking builds them. The
+    config layer cannot import train, so this keeps the two lists one."""
+    from dist_seg.config.validation import BUILTIN_LOGGERS
+    from dist_seg.train.tracking import BUILTIN
+
+    assert tuple(BUILTIN) == BUILTIN_LOGGERS
