@@ -25,8 +25,9 @@ from typing import Any
 
 from dist_seg.config.loading import load_config
 from dist_seg.config.schema import Config
-from dist_seg.data.format.remote import RemoteOptions, redact
+from dist_seg.data.format.remote import RemoteOptions
 from dist_seg.data.format.shards import dataset_classes
+from dist_seg.data.format.urls import redact
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.infer.metrics import to_jsonable
 from dist_seg.infer.options import (

@@ -14,8 +14,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dist_seg.config.schema import Config
-from dist_seg.data.format.remote import is_url, redact
 from dist_seg.data.format.shards import ShardSet, resolve_shards
+from dist_seg.data.format.urls import is_url, redact
 from dist_seg.data.loading.augment import AugmentError, load_pipeline
 from dist_seg.models import MODEL_NAMES
 from dist_seg.train.losses import load_class_weights

@@ -9,7 +9,7 @@ it costs that tracker its later reports, never the run.
 
 The reports, the same for every tracker (dist_seg.train.reporting makes them):
 
-- `config`: once per attempt, the resolved config (URLs as remote.redact shows them) as a tree, as flat
+- `config`: once per attempt, the resolved config (URLs as urls.redact shows them) as a tree, as flat
   `section.key` parameters and as YAML text, stamped with the step the attempt starts at.
 - `scalars`: tag -> value, at a step (train/..., val/..., val/iou/<class name>; README "Run tracking").
 - `image`: an [H, W, 3] uint8 picture (val/samples, val/confusion) at a step.

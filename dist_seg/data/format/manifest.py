@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dist_seg.data.format.remote import RemoteOptions, is_url, join, local_path, parent, read_bytes, redact
+from dist_seg.data.format.remote import RemoteOptions, read_bytes
+from dist_seg.data.format.urls import is_url, join, local_path, parent, redact
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dist_seg.shards"

@@ -36,16 +36,13 @@ from dist_seg.data.format.decode import READ_EXTS, ErrorPolicy, RawSample, Sampl
 from dist_seg.data.format.remote import (
     RemoteOptions,
     RemoteStream,
-    is_url,
-    join,
     note_ranges_ignored,
-    parent,
     ranges_ignored,
     read_bytes,
-    redact,
 )
 from dist_seg.data.format.shards import ShardError, ShardSet
 from dist_seg.data.format.tar_members import iter_members, member_spans
+from dist_seg.data.format.urls import is_url, join, parent, redact
 
 __all__ = [  # decoding lives in decode.py; the loaders import it from here, with the reader
     "Piece",

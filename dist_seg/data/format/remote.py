@@ -30,29 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dist_seg.data.format.urls import (
-    basename,
-    check_url,
-    is_url,
-    join,
-    local_path,
-    parent,
-    redact,
-    redacted_config,
-    server,
-)
-
-__all__ = [  # the URL names live in urls.py; importers of remote get them here too
-    "basename",
-    "check_url",
-    "is_url",
-    "join",
-    "local_path",
-    "parent",
-    "redact",
-    "redacted_config",
-    "server",
-]
+from dist_seg.data.format.urls import basename, join, redact, server
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,8 @@ from braceexpand import braceexpand
 
 from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.format.manifest import MANIFEST_NAME, read_manifest
-from dist_seg.data.format.remote import (
-    RemoteOptions,
-    basename,
-    check_url,
-    is_url,
-    join,
-    local_path,
-    parent,
-    redact,
-    server,
-    size,
-    supports_ranges,
-)
+from dist_seg.data.format.remote import RemoteOptions, size, supports_ranges
+from dist_seg.data.format.urls import basename, check_url, is_url, join, local_path, parent, redact, server
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,9 @@ from dist_seg.data.format.reader import (
     decode_sample,
     no_range_warning,
 )
-from dist_seg.data.format.remote import RemoteOptions, redact, retry_count
+from dist_seg.data.format.remote import RemoteOptions, retry_count
 from dist_seg.data.format.shards import ShardError, ShardSet, resolve_shards
+from dist_seg.data.format.urls import redact
 from dist_seg.data.loading.augment import UserAugment, sample_seeds
 from dist_seg.data.loading.colour import COLOUR_ROWS, Clip, colour_range, to_model_input
 from dist_seg.data.loading.plan import (

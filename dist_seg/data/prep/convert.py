@@ -25,7 +25,8 @@ from PIL import Image
 
 from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.format.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, write_manifest
-from dist_seg.data.format.remote import RemoteOptions, check_url, is_url, local_path, publish
+from dist_seg.data.format.remote import RemoteOptions, publish
+from dist_seg.data.format.urls import check_url, is_url, local_path
 from dist_seg.data.format.writer import fixed_tarinfo, plan_shard_counts, split_staging
 from dist_seg.data.prep.coco import (
     CROWD_POLICIES,
