@@ -94,6 +94,11 @@ class ModelConfig:
     pretrained: str | None = None
     """Path to torchvision's ImageNet weights of the model's encoder (vgg16_bn for deconvnet, deeplab_v1 and
     fcn8s; resnet50 or mobilenet_v3_large for the torchvision models), `torchvision` to download them, or null."""
+    aux_loss: float = 0.0
+    """Weight of an auxiliary loss, VGG16-BN models only (0 = none): a head (3x3 conv, BN, ReLU, 1x1 conv) on
+    pool4 also predicts the labels, and training minimises loss + aux_loss x the same loss on its output, as
+    torchvision's references do (0.5). Training only: evaluation, prediction and export use the main head.
+    DeconvNet from scratch needs it (README, "DeconvNet from scratch")."""
 
 
 @dataclass

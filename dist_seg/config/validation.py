@@ -3,6 +3,7 @@ failure is a ValueError naming the dotted key (raised by dist_seg.config.loading
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -75,6 +76,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError("config keys data.mean and data.std need 3 values (RGB)")
     if cfg.model.width_mult <= 0:
         raise ValueError(f"config key model.width_mult={cfg.model.width_mult}: must be > 0")
+    if not (math.isfinite(cfg.model.aux_loss) and cfg.model.aux_loss >= 0):
+        raise ValueError(f"config key model.aux_loss={cfg.model.aux_loss}: must be a finite weight >= 0 (0 = none)")
     if cfg.model.num_classes is not None and not 2 <= cfg.model.num_classes <= 255:
         raise ValueError(f"config key model.num_classes={cfg.model.num_classes}: must be in 2..255")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:

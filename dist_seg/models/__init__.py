@@ -17,7 +17,7 @@ import pkgutil
 from torch import nn
 
 from dist_seg.config.schema import ModelConfig
-from dist_seg.models.base import check_parameter_names, constraint
+from dist_seg.models.base import TrainOutput, check_parameter_names, constraint
 from dist_seg.models.registry import model_class, model_names, registered
 from dist_seg.models.vgg import VGGSegmenter, format_load_report, load_pretrained_vgg
 
@@ -34,12 +34,18 @@ VGG_MODELS: dict[str, type[nn.Module]] = {
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The model `cfg.name` with `num_classes` outputs, width-scaled by cfg.width_mult, with cfg.pretrained
-    loaded when set (the load report is logged and kept as `model.pretrained_report`)."""
+    """The model `cfg.name` with `num_classes` outputs, width-scaled by cfg.width_mult, with an auxiliary head
+    when cfg.aux_loss > 0 (VGG models only), with cfg.pretrained loaded when set (the load report is logged and kept as `model.pretrained_report`)."""
     if num_classes < 2:
         raise ValueError(f"model.num_classes={num_classes}: need at least 2 classes (background + one)")
     cls = model_class(cfg.name)
-    model = cls(num_classes, width_mult=cfg.width_mult)
+    if cfg.aux_loss > 0 and not issubclass(cls, VGGSegmenter):
+        raise ValueError(
+            f"model.aux_loss={cfg.aux_loss}: only the VGG16-BN models ({', '.join(VGG_MODELS)}) have an "
+            f"auxiliary head; set model.aux_loss=0 for model.name={cfg.name}"
+        )
+    extra = {"aux_loss": True} if cfg.aux_loss > 0 else {}
+    model = cls(num_classes, width_mult=cfg.width_mult, **extra)
     check_parameter_names(model)  # cheap, and optimizer groups are written against these names
     if cfg.pretrained is not None:
         model.pretrained_report = model.load_pretrained(cfg.pretrained)
@@ -71,6 +77,7 @@ def input_constraints(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "MODEL_NAMES",
+    "TrainOutput",
     "VGG_MODELS",
     "build_model",
     "input_constraints",

@@ -1,7 +1,8 @@
 """The model contract: what every segmentation model declares, and the checks that hold it to it.
 
 A model is an `nn.Module` subclass of `SegmentationModel`, built as `cls(num_classes, width_mult=...)`, whose
-forward takes normalised images [N, 3, H, W] and returns logits [N, num_classes, H, W] at the input size. The
+forward takes normalised images [N, 3, H, W] and returns logits [N, num_classes, H, W] at the input size (in
+training mode a model built with an auxiliary head returns a `TrainOutput` of both heads' logits). The
 rest of the package relies on what the class declares, so each declaration is checked when the model is
 registered (dist_seg.models.registry.register) rather than defaulted where it is read:
 
@@ -16,9 +17,19 @@ registered (dist_seg.models.registry.register) rather than defaulted where it is
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
+
+
+class TrainOutput(NamedTuple):
+    """What forward returns in training mode for a model built with an auxiliary head (`model.aux_loss` > 0):
+    the logits and the head's logits, both [N, num_classes, H, W] at the input size. Every other forward,
+    evaluation included, returns the logits tensor alone; the training loss takes either
+    (dist_seg.train.losses.WithAuxLoss)."""
+
+    logits: Tensor
+    aux: Tensor
 
 
 class ContractError(TypeError):
@@ -45,7 +56,8 @@ class SegmentationModel(nn.Module):
     param_groups: ClassVar[tuple[str, ...]]
     """The top-level modules that hold the parameters, e.g. ("encoder", "fc6", "fc7", "decoder", "classifier")
     for the VGG models, ("backbone", "classifier") for torchvision's: every parameter name starts with one of
-    them plus a dot, and each holds at least one parameter (checked by `check_parameter_names`)."""
+    them plus a dot, and each holds at least one parameter (checked by `check_parameter_names`). An instance
+    may extend it with modules it was built with (the VGG models' optional `aux` head)."""
 
     pretrained_fc: ClassVar[Mapping[str, str]]
     """Pretrained-file key prefix -> model module prefix for the weights besides the encoder/backbone, e.g.
@@ -140,7 +152,7 @@ def constraint(model: nn.Module, attr: str) -> int:
 def check_parameter_names(model: SegmentationModel) -> None:
     """ContractError when a parameter lies outside the model's declared `param_groups`, or a declared group
     holds none (then `optim.groups` patterns written from the declaration would match nothing)."""
-    groups, name = type(model).param_groups, getattr(model, "model_name", type(model).__name__)
+    groups, name = model.param_groups, getattr(model, "model_name", type(model).__name__)
     tops = {n.split(".")[0] for n, _ in model.named_parameters()}
     outside, empty = sorted(tops - set(groups)), [g for g in groups if g not in tops]
     if outside or empty:

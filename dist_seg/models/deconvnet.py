@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from dist_seg.models.base import TrainOutput
 from dist_seg.models.registry import register
 from dist_seg.models.vgg import EncoderOutput, VGG16BNEncoder, VGGSegmenter, conv_bn_relu, scaled
 
@@ -76,7 +77,7 @@ class DeconvNet(VGGSegmenter):
         "the classifier start from initialisation (torchvision's vgg16_bn has no BN on fc layers)",
     )
 
-    def __init__(self, num_classes: int, width_mult: float = 1.0) -> None:
+    def __init__(self, num_classes: int, width_mult: float = 1.0, aux_loss: bool = False) -> None:
         super().__init__()
         self.encoder = VGG16BNEncoder(width_mult, return_indices=True)
         fc = scaled(4096, width_mult)
@@ -84,9 +85,10 @@ class DeconvNet(VGGSegmenter):
         self.fc7 = conv_bn_relu(fc, fc, 1)
         self.decoder = DeconvDecoder(fc, width_mult)
         self.classifier = nn.Conv2d(self.decoder.out_channels, num_classes, 1)
+        self._add_aux_head(num_classes, aux_loss)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | TrainOutput:
         self.check_input(x, "fc6 is an unpadded 7x7 conv on the 1/32 feature map")
         enc = self.encoder(x)
         x = self.fc7(self.fc6(enc.feats[-1]))
-        return self.classifier(self.decoder(x, enc))
+        return self._outputs(self.classifier(self.decoder(x, enc)), enc)

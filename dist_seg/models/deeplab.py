@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dist_seg.models.base import TrainOutput
 from dist_seg.models.registry import register
 from dist_seg.models.vgg import VGG16BNEncoder, VGGSegmenter, conv_bn_relu, scaled
 
@@ -31,15 +32,19 @@ class DeepLabV1LargeFOV(VGGSegmenter):
         "fc6 (4096x25088), so fc6, fc7 and the classifier start from initialisation",
     )
 
-    def __init__(self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.5) -> None:
+    def __init__(
+        self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.5, aux_loss: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = VGG16BNEncoder(width_mult, deeplab=True)
         fc = scaled(1024, width_mult)
         self.fc6 = nn.Sequential(*conv_bn_relu(self.encoder.out_channels, fc, 3, 12, 12), nn.Dropout(dropout))
         self.fc7 = nn.Sequential(*conv_bn_relu(fc, fc, 1), nn.Dropout(dropout))
         self.classifier = nn.Conv2d(fc, num_classes, 1)
+        self._add_aux_head(num_classes, aux_loss)
 
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.encoder(x).feats[-1]
-        logits = self.classifier(self.fc7(self.fc6(feats)))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def forward(self, x: Tensor) -> Tensor | TrainOutput:
+        enc = self.encoder(x)
+        logits = self.classifier(self.fc7(self.fc6(enc.feats[-1])))
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self._outputs(logits, enc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dist_seg.models.base import TrainOutput
 from dist_seg.models.registry import register
 from dist_seg.models.vgg import VGG16BNEncoder, VGGSegmenter, conv_bn_relu, scaled
 
@@ -57,7 +58,9 @@ class FCN8s(VGGSegmenter):
         "and the upsampling layers start from initialisation",
     )
 
-    def __init__(self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.5) -> None:
+    def __init__(
+        self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.5, aux_loss: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = VGG16BNEncoder(width_mult)
         fc = scaled(4096, width_mult)
@@ -69,9 +72,11 @@ class FCN8s(VGGSegmenter):
         self.classifier = nn.Conv2d(fc, num_classes, 1)
         stage = self.encoder.stage_channels
         self.decoder = FCNDecoder(num_classes, pool3_channels=stage[2], pool4_channels=stage[3])
+        self._add_aux_head(num_classes, aux_loss)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | TrainOutput:
         self.check_input(x, "the pool3, pool4 and fc7 scores are added at 1/8, 1/16 and 1/32")
-        feats = self.encoder(x).feats
+        enc = self.encoder(x)
+        feats = enc.feats
         score_fr = self.classifier(self.fc7(self.fc6(feats[4])))
-        return self.decoder(score_fr, pool3=feats[2], pool4=feats[3])
+        return self._outputs(self.decoder(score_fr, pool3=feats[2], pool4=feats[3]), enc)

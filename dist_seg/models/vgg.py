@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_seg.models.base import SegmentationModel
+from dist_seg.models.base import SegmentationModel, TrainOutput
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +115,51 @@ class VGG16BNEncoder(nn.Module):
         return EncoderOutput(feats, indices, sizes)
 
 
+# The auxiliary head reads pool4 (feats[3]): 1/16 of the input (1/8 in DeepLab v1, whose pool4 has stride 1),
+# as torchvision's reads the ResNet's layer3.
+AUX_POOL = 3
+
+
+class AuxHead(nn.Sequential):
+    """The auxiliary head: 3x3 conv, BN, ReLU, 1x1 conv to the classes (torchvision's FCNHead without its
+    channel reduction, which would leave 16 channels for 11 classes at the demo's width, and its dropout)."""
+
+    def __init__(self, cin: int, num_classes: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cin, num_classes, 1),
+        )
+
+
 class VGGSegmenter(SegmentationModel):
     """A model on the VGG16-BN encoder (`self.encoder`): model.pretrained is torchvision's vgg16_bn, loaded by
-    load_pretrained_vgg into the encoder and, per `pretrained_fc`, into the model's fc6/fc7 convs."""
+    load_pretrained_vgg into the encoder and, per `pretrained_fc`, into the model's fc6/fc7 convs.
+
+    Built with `aux_loss=True` it also has `self.aux`, an AuxHead on pool4, and its training-mode forward
+    returns TrainOutput(logits, aux logits); subclasses create the head last (`_add_aux_head`), so the other
+    modules start from the same random weights with and without it, and end forward with `_outputs`.
+    """
 
     encoder: VGG16BNEncoder
+    aux: AuxHead | None  # set by _add_aux_head (a class-level default would shadow the registered module)
 
     def load_pretrained(self, source: str) -> dict[str, Any]:
         return load_pretrained_vgg(self, source)
+
+    def _add_aux_head(self, num_classes: int, aux_loss: bool) -> None:
+        self.aux = AuxHead(self.encoder.stage_channels[AUX_POOL], num_classes) if aux_loss else None
+        if aux_loss:
+            self.param_groups = (*type(self).param_groups, "aux")
+
+    def _outputs(self, logits: Tensor, enc: EncoderOutput) -> Tensor | TrainOutput:
+        """The logits, or in training mode with an auxiliary head both heads' logits at the input size."""
+        if self.aux is None or not self.training:
+            return logits
+        aux = self.aux(enc.feats[AUX_POOL])
+        aux = F.interpolate(aux, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        return TrainOutput(logits, aux)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

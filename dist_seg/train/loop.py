@@ -151,7 +151,7 @@ def _build(cfg: Config, world: D.World, stop: StopRequest | None) -> Run:
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.sched, total_steps),
         scaler=torch.amp.GradScaler(world.device.type) if t.amp == "fp16" else None,
-        loss_fn=build_loss(cfg.loss, num_classes, weights).to(world.device),
+        loss_fn=build_loss(cfg.loss, num_classes, weights, cfg.model.aux_loss).to(world.device),
         device=world.device,
         amp_dtype=AMP_DTYPES[t.amp],
         clip_grad=t.clip_grad,

@@ -20,11 +20,13 @@ from torch import Tensor, nn
 from dist_seg.config.schema import LossConfig
 from dist_seg.data import IGNORE_INDEX
 from dist_seg.data.class_weights import median_frequency_weights
+from dist_seg.models.base import TrainOutput
 
 __all__ = [
     "CELoss",
     "CEDiceLoss",
     "FocalLoss",
+    "WithAuxLoss",
     "build_loss",
     "load_class_weights",
     "median_frequency_weights",
@@ -176,18 +178,39 @@ class FocalLoss(_SegLoss):
         return (loss * w).sum() / w.sum().clamp_min(_TINY)
 
 
-def build_loss(cfg: LossConfig, num_classes: int, class_weights: Tensor | None = None) -> nn.Module:
-    """The loss named by `cfg.name` (ce | ce+dice | focal) for `num_classes` classes."""
+class WithAuxLoss(nn.Module):
+    """loss(logits) + weight * loss(aux logits) for a model built with an auxiliary head (`model.aux_loss`),
+    whose training forward returns a TrainOutput; a plain logits tensor (a model without the head) is
+    refused, so a head that never trains cannot go unnoticed."""
+
+    def __init__(self, loss: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.loss, self.weight = loss, weight
+
+    def forward(self, output: TrainOutput | Tensor, target: Tensor) -> Tensor:
+        if not isinstance(output, TrainOutput):
+            raise TypeError(
+                f"model.aux_loss={self.weight}: the model's training forward returned {type(output).__name__}, "
+                "not the TrainOutput of a model built with an auxiliary head"
+            )
+        return self.loss(output.logits, target) + self.weight * self.loss(output.aux, target)
+
+
+def build_loss(
+    cfg: LossConfig, num_classes: int, class_weights: Tensor | None = None, aux_weight: float = 0.0
+) -> nn.Module:
+    """The loss named by `cfg.name` (ce | ce+dice | focal) for `num_classes` classes; with aux_weight > 0
+    (model.aux_loss) the same loss on both heads of a TrainOutput, the auxiliary one weighted."""
     common: dict[str, Any] = {"class_weights": class_weights}
     if cfg.name == "ce":
-        return CELoss(num_classes, label_smoothing=cfg.label_smoothing, **common)
-    if cfg.name == "ce+dice":
-        return CEDiceLoss(
-            num_classes, label_smoothing=cfg.label_smoothing, dice_weight=cfg.dice_weight, **common
-        )
-    if cfg.name == "focal":
-        return FocalLoss(num_classes, gamma=cfg.focal_gamma, **common)
-    raise ValueError(f"config key loss.name={cfg.name!r}: expected one of ce, ce+dice, focal")
+        loss: nn.Module = CELoss(num_classes, label_smoothing=cfg.label_smoothing, **common)
+    elif cfg.name == "ce+dice":
+        loss = CEDiceLoss(num_classes, label_smoothing=cfg.label_smoothing, dice_weight=cfg.dice_weight, **common)
+    elif cfg.name == "focal":
+        loss = FocalLoss(num_classes, gamma=cfg.focal_gamma, **common)
+    else:
+        raise ValueError(f"config key loss.name={cfg.name!r}: expected one of ce, ce+dice, focal")
+    return WithAuxLoss(loss, aux_weight) if aux_weight > 0 else loss
 
 
 def _weights_from_class_stats(stats: list[dict[str, Any]] | None, num_classes: int) -> list[float]:

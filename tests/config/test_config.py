@@ -29,6 +29,8 @@ def test_layers_and_overrides(tmp_path: Path) -> None:
         ("data.batch_size=two", "config key data.batch_size"),
         ("train.amp=fp8", "config key train.amp='fp8'"),
         ("data.crop_size=0", "config key data.crop_size=0"),
+        ("model.aux_loss=-0.5", "config key model.aux_loss=-0.5: must be a finite weight >= 0"),
+        ("model.aux_loss=nan", "config key model.aux_loss=nan"),
         ("optim.groups=[{param: 'x'}]", "config key optim.groups"),
         ("epochs", "must look like key=value"),
     ],

@@ -228,3 +228,22 @@ def test_dice_equals_a_per_class_float64_reference_in_value_and_gradient(dtype):
     # a bf16 leaf gets a bf16 gradient: rounded to 8 bits of mantissa
     rtol, atol = (1e-4, 1e-7) if dtype == torch.float32 else (1e-2, 1e-5)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=rtol, atol=atol)
+
+
+def test_aux_loss_is_the_same_loss_on_both_heads_weighted():
+    """model.aux_loss: loss(logits) + w * loss(aux), with the configured loss and class weights on both, by hand
+    from the unwrapped loss (the sum of two float32 scalars: the same operations, so equal to the last bit)."""
+    from dist_seg.models import TrainOutput
+
+    logits, target = _data(seed=3)
+    aux, _ = _data(seed=4)
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    cfg = LossConfig(name="ce+dice")
+    plain = build_loss(cfg, 4, weights)
+    with_aux = build_loss(cfg, 4, weights, aux_weight=0.4)
+    got = with_aux(TrainOutput(logits, aux), target)
+    assert torch.equal(got, plain(logits, target) + 0.4 * plain(aux, target))
+    # a model without the head (a plain logits tensor) is refused, naming the key
+    with pytest.raises(TypeError, match=r"model.aux_loss=0.4: .* returned Tensor"):
+        with_aux(logits, target)
+    assert build_loss(cfg, 4, weights, aux_weight=0.0).__class__ is plain.__class__
