@@ -67,6 +67,7 @@ def test_two_process_syncbn_run_fits_its_training_images(tmp_path: Path) -> None
         f"data.train_shards={train}", f"data.val_shards={train}", f"train.out_dir={out}",
         "data.batch_size=2", "data.scale_min=1.0", "data.scale_max=1.0", "data.hflip_prob=0",
         "data.color_jitter=0", "loss.class_weights=null", "optim.weight_decay=0", "model.name=fcn8s",
+        "model.aux_loss=0", "optim.lr=0.003",  # the demo recipe of the measurement below (before issue 27)
         "train.max_steps=150", "train.eval_every=150", "train.log_every=50", "train.amp=off", "train.sync_bn=true",
     ]  # fmt: skip
     r = torchrun(args, nproc=2, timeout=900)
