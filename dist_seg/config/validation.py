@@ -77,7 +77,9 @@ def validate(cfg: Config) -> Config:
     if cfg.model.width_mult <= 0:
         raise ValueError(f"config key model.width_mult={cfg.model.width_mult}: must be > 0")
     if not (math.isfinite(cfg.model.aux_loss) and cfg.model.aux_loss >= 0):
-        raise ValueError(f"config key model.aux_loss={cfg.model.aux_loss}: must be a finite weight >= 0 (0 = none)")
+        raise ValueError(
+            f"config key model.aux_loss={cfg.model.aux_loss}: must be a finite weight >= 0 (0 = none)"
+        )
     if cfg.model.num_classes is not None and not 2 <= cfg.model.num_classes <= 255:
         raise ValueError(f"config key model.num_classes={cfg.model.num_classes}: must be in 2..255")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:

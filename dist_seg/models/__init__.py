@@ -1,7 +1,8 @@
 """Models: `build_model(cfg.model, num_classes)`, `input_constraints(model)` and the registry's names.
 
 Every model is a dist_seg.models.base.SegmentationModel registered with dist_seg.models.registry.register in
-its own module: forward takes [N, 3, H, W] floats and returns logits [N, num_classes, H, W] at the input size;
+its own module: forward takes [N, 3, H, W] floats and returns logits [N, num_classes, H, W] at the input size
+(in training mode, a VGG model built with `model.aux_loss` > 0 returns a TrainOutput of both heads' logits);
 the class declares size_divisor and min_size (evaluation and prediction pad inputs to meet them), the
 top-level modules holding its parameters (VGG-based models: `encoder.*` with the VGG16-BN convs, `fc6.*`,
 `fc7.*`, `decoder.*`, `classifier.*`; torchvision models: `backbone.*`, `classifier.*`) and how it loads

@@ -205,7 +205,9 @@ def build_loss(
     if cfg.name == "ce":
         loss: nn.Module = CELoss(num_classes, label_smoothing=cfg.label_smoothing, **common)
     elif cfg.name == "ce+dice":
-        loss = CEDiceLoss(num_classes, label_smoothing=cfg.label_smoothing, dice_weight=cfg.dice_weight, **common)
+        loss = CEDiceLoss(
+            num_classes, label_smoothing=cfg.label_smoothing, dice_weight=cfg.dice_weight, **common
+        )
     elif cfg.name == "focal":
         loss = FocalLoss(num_classes, gamma=cfg.focal_gamma, **common)
     else:

@@ -23,7 +23,8 @@ def test_training_forward_returns_both_heads_and_evaluation_only_the_main_one(na
     assert out.logits.shape == out.aux.shape == (2, 5, 224, 224)
     # the aux logits are the head on pool4, bilinearly upsampled: recomputed from the encoder by hand
     enc = model.encoder(x)
-    assert enc.feats[3].shape[-1] == 224 // (8 if name == "deeplab_v1" else 16)  # DeepLab's pool4 has stride 1
+    # DeepLab's pool4 has stride 1
+    assert enc.feats[3].shape[-1] == 224 // (8 if name == "deeplab_v1" else 16)
     want = F.interpolate(model.aux(enc.feats[3]), size=(224, 224), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.aux, want, rtol=0, atol=0)
     model.eval()
@@ -59,5 +60,7 @@ def test_the_head_is_a_declared_parameter_group_and_trains_at_the_base_lr() -> N
 
 
 def test_models_without_the_head_refuse_aux_loss_naming_the_key() -> None:
-    with pytest.raises(ValueError, match=r"model.aux_loss=0.5: only the VGG16-BN models .*model.name=fcn_resnet50"):
+    with pytest.raises(
+        ValueError, match=r"model.aux_loss=0.5: only the VGG16-BN models .*model.name=fcn_resnet50"
+    ):
         build_model(ModelConfig(name="fcn_resnet50", aux_loss=0.5), 5)
