@@ -53,7 +53,7 @@ from dist_seg.train.losses import build_loss, load_class_weights
 from dist_seg.train.optim import build_optimizer, build_scheduler, format_groups
 from dist_seg.train.reporting import TrainMeter, print_main
 from dist_seg.train.state import StepSchedule, TrainState
-from dist_seg.train.step import StepContext, StepOutput, train_step
+from dist_seg.train.step import StepContext, StepOutput, parameter_blocks, train_step
 from dist_seg.train.tracking import RunLog
 from dist_seg.train.validation import EarlyStop, Validator
 
@@ -84,7 +84,8 @@ def fit(cfg: Config, world: D.World, stop: StopRequest | None = None) -> dict[st
         preemption = StopSignalExit(checkpointer, stop)
         validator = Validator(cfg, world, run.ctx, log, *classes)
         early_stop = EarlyStop(cfg.train.early_stop_patience)
-        meter = TrainMeter(cfg, world, log, schedule.total_steps, state.step)
+        blocks = [name for name, _ in run.ctx.blocks]
+        meter = TrainMeter(cfg, world, log, schedule.total_steps, state.step, blocks)
         while not schedule.finished(state) and not early_stop.should_stop(state):
             run.loader.set_position(state.data_position(schedule.grad_accum))
             batches = Prefetcher(iter(run.loader), world.device, TRAIN_TENSORS)  # copies ahead during a step
@@ -157,6 +158,7 @@ def _build(cfg: Config, world: D.World, stop: StopRequest | None) -> Run:
         clip_grad=t.clip_grad,
         max_nonfinite=t.max_nonfinite,
         params=[p for p in model.parameters() if p.requires_grad],
+        blocks=parameter_blocks(model),
         ema=WeightEMA(model, t.ema_decay) if t.ema_decay is not None else None,
         stop=stop,
     )

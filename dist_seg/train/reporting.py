@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class Window:
         self.n = self.updates = 0
         self.loss: torch.Tensor | float = 0.0
         self.grad_norm: torch.Tensor | float = 0.0
+        self.block_grad_norms: torch.Tensor | None = None  # summed per model block, on the device
         self.wait = self.time = 0.0
         self.scale, self.skipped_samples, self.remote_retries = 1.0, 0, 0
         self.t0 = time.perf_counter()
@@ -45,6 +47,9 @@ class Window:
             self.updates += 1
             self.loss = self.loss + o.loss.detach().double()
             self.grad_norm = self.grad_norm + o.grad_norm.detach().double()
+            if o.block_grad_norms is not None:
+                b = o.block_grad_norms.detach().double()
+                self.block_grad_norms = b if self.block_grad_norms is None else self.block_grad_norms + b
         self.wait += wait
         self.time += dt
         self.scale, self.skipped_samples = o.loss_scale, skipped_samples
@@ -57,9 +62,17 @@ class TrainMeter:
     window of sums since the last line and the run's start."""
 
     def __init__(
-        self, cfg: Config, world: D.World, log: RunLog, total_steps: int, step_at_start: int
+        self,
+        cfg: Config,
+        world: D.World,
+        log: RunLog,
+        total_steps: int,
+        step_at_start: int,
+        block_names: Sequence[str] = (),
     ) -> None:
+        """`block_names`: the model blocks whose gradient norms the steps report (step.parameter_blocks)."""
         self.cfg, self.world, self.run_log = cfg, world, log
+        self.block_names = list(block_names)
         self.total_steps, self.step_at_start = total_steps, step_at_start
         self.window = Window()
         self.t_start = time.perf_counter()
@@ -76,7 +89,7 @@ class TrainMeter:
         at the same steps)."""
         cfg, world, log, w = self.cfg, self.world, self.run_log, self.window
         total_steps = self.total_steps
-        loss, grad_norm, skipped, retries = self._across_ranks()
+        loss, grad_norm, skipped, retries, block_norms = self._across_ranks()
         elapsed = time.perf_counter() - w.t0
         ips = w.n * cfg.data.batch_size * cfg.train.grad_accum * world.world_size / max(elapsed, 1e-9)
         values = {
@@ -90,6 +103,8 @@ class TrainMeter:
         }
         for g in optimizer.param_groups:
             values[f"train/lr/{g.get('name', 'default')}"] = g["lr"]
+        for name, norm in zip(self.block_names, block_norms, strict=True):
+            values[f"train/grad_norm/{name}"] = norm
         if world.device.type == "cuda":
             values["train/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
         log.scalars(values, step)
@@ -105,24 +120,41 @@ class TrainMeter:
             )
         w.reset()
 
-    def _across_ranks(self) -> tuple[float, float, int, int]:
-        """The window's mean loss and gradient norm over all ranks, and the skipped-sample and retry totals.
-        The means are over the steps that updated the weights (the same steps on every rank: the skip is
-        decided across ranks); NaN when every step of the window was skipped. One all-reduce, one read."""
+    def _across_ranks(self) -> tuple[float, float, int, int, list[float]]:
+        """The window's mean loss, gradient norm and per-block gradient norms over all ranks, and the
+        skipped-sample and retry totals. The means are over the steps that updated the
+        weights (the same steps on every rank: the skip is decided across ranks); NaN when every step of the
+        window was skipped. One all-reduce, one read."""
         w, device = self.window, self.world.device
-        sums = torch.stack(
+        blocks = w.block_grad_norms
+        if blocks is None:  # every step of the window skipped
+            blocks = torch.zeros(len(self.block_names), dtype=torch.float64, device=device)
+        sums = torch.cat(
             [
-                torch.as_tensor(w.loss, dtype=torch.float64, device=device),
-                torch.as_tensor(w.grad_norm, dtype=torch.float64, device=device),
-                torch.tensor(float(w.skipped_samples), dtype=torch.float64, device=device),
-                torch.tensor(float(w.remote_retries), dtype=torch.float64, device=device),
+                torch.stack(
+                    [
+                        torch.as_tensor(w.loss, dtype=torch.float64, device=device),
+                        torch.as_tensor(w.grad_norm, dtype=torch.float64, device=device),
+                        torch.tensor(float(w.skipped_samples), dtype=torch.float64, device=device),
+                        torch.tensor(float(w.remote_retries), dtype=torch.float64, device=device),
+                    ]
+                ),
+                blocks.to(device),
             ]
         )
-        loss_sum, grad_sum, skipped_sum, retries_sum = D.sum_across_ranks(sums)
+        loss_sum, grad_sum, skipped_sum, retries_sum, *block_sums = D.sum_across_ranks(sums)
         n_ranks = self.world.world_size
-        loss = loss_sum / n_ranks / w.updates if w.updates else math.nan
-        grad_norm = grad_sum / n_ranks / w.updates if w.updates else math.nan  # equal on every rank
-        return loss, grad_norm, int(round(skipped_sum)), int(round(retries_sum))
+
+        def mean(total: float) -> float:  # gradients are all-reduced: their norms are equal on every rank
+            return total / n_ranks / w.updates if w.updates else math.nan
+
+        return (
+            mean(loss_sum),
+            mean(grad_sum),
+            int(round(skipped_sum)),
+            int(round(retries_sum)),
+            [mean(b) for b in block_sums],
+        )
 
 
 def print_main(world: D.World, msg: str) -> None:

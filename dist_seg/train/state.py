@@ -22,6 +22,7 @@ class StepResult(Protocol):
     skipped: bool  # no optimizer update this step
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank
+    block_grad_norms: torch.Tensor | None  # [model blocks], on the device (None: not measured)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_seg.models import unwrap
 from dist_seg.runtime import distributed as D
 from dist_seg.runtime import fault_injection as faults
 from dist_seg.runtime.precision import autocast
@@ -36,6 +37,8 @@ class StepContext:
     clip_grad: float | None
     max_nonfinite: int
     params: list[nn.Parameter] = field(default_factory=list)  # the ones that train: clipped together
+    # (name, its trainable parameters) per top-level block of the model: train/grad_norm/<block>
+    blocks: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
     ema: WeightEMA | None = None  # train.ema_decay: moved after every step that updated the weights
     stop: StopRequest | None = None  # set by a stop signal; every rank learns of it at the next step
 
@@ -51,6 +54,8 @@ class StepOutput:
     loss_scale: float
     nonfinite_loss: bool  # the loss itself was non-finite on some rank (fp16 scale tuning alone is not)
     stop_requested: bool = False  # a stop signal reached some rank: checkpoint and exit
+    # the gradient norm of each of StepContext.blocks, before clipping; on the device (None: no blocks)
+    block_grad_norms: torch.Tensor | None = None
 
 
 def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> StepOutput:
@@ -68,6 +73,7 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     if ctx.scaler is not None:
         ctx.scaler.unscale_(ctx.optimizer)
     max_norm = ctx.clip_grad if ctx.clip_grad is not None else math.inf
+    blocks = block_grad_norms(ctx.blocks, ctx.device)  # before clipping scales the gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, max_norm)
     # every rank takes the same branch: a rank that stepped alone would desynchronise the replicas. The
     # flags are made and all-reduced on the device, and read back once: the step's one host sync
@@ -91,7 +97,37 @@ def train_step(ctx: StepContext, batches: list[tuple[torch.Tensor, torch.Tensor]
     ctx.scheduler.step()
     # fp16 only: GradScaler reads its found-inf flag back every step anyway
     scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
-    return StepOutput(total, grad_norm.detach(), nonfinite, float(scale), bad_loss, flags[2])
+    return StepOutput(total, grad_norm.detach(), nonfinite, float(scale), bad_loss, flags[2], blocks)
+
+
+def parameter_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """The model's trainable parameters by top-level block (the first part of their name inside any DDP or
+    torch.compile wrapper: encoder, fc6, fc7, decoder, classifier, aux for the VGG models), in model order."""
+    blocks: dict[str, list[nn.Parameter]] = {}
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            blocks.setdefault(name.split(".")[0], []).append(p)
+    return list(blocks.items())
+
+
+def block_grad_norms(
+    blocks: list[tuple[str, list[nn.Parameter]]], device: torch.device
+) -> torch.Tensor | None:
+    """The 2-norm of each block's gradients (0 for a block without any this step): where the gradient
+    goes. A stalled DeconvNet shows a decoder that learns while the encoder's gradient, which reaches it
+    only through the 1x1 fc6/fc7 code, stays small. Their root-sum-square is the global norm. Nothing is
+    read back: the values stay on the device."""
+    if not blocks:
+        return None
+    norms = []
+    for _, params in blocks:
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        if grads:
+            per_tensor = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+            norms.append(torch.linalg.vector_norm(per_tensor))
+        else:
+            norms.append(torch.zeros((), device=device))
+    return torch.stack(norms)
 
 
 def _skip_scaler_step(scaler: torch.amp.GradScaler) -> None:

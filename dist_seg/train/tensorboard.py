@@ -24,6 +24,7 @@ TAGS: dict[str, str] = {
     "train/loss": "training loss (mean over the logging window, all ranks)",
     "train/lr/<group>": "learning rate of each optimizer group, by group name",
     "train/grad_norm": "global gradient norm before clipping",
+    "train/grad_norm/<block>": "gradient norm of each top-level block of the model before clipping",
     "train/loss_scale": "AMP GradScaler scale (1.0 when no scaler is used)",
     "train/images_per_s": "training throughput, images per second summed over all ranks",
     "train/data_wait_frac": "fraction of step time spent waiting for the next batch",
@@ -39,18 +40,25 @@ TAGS: dict[str, str] = {
     "val/confusion": "image: row-normalised validation confusion matrix",
     "config": "text: the resolved config (YAML)",
 }
-"""The stable tags the training loop writes; `<...>` parts are filled in per optimizer group / class. With a
+"""The stable tags the training loop writes; `<...>` parts are filled in per optimizer group / model block /
+class. With a
 weight EMA (train.ema_decay) its evaluation's scalars go under val_ema/ beside val/."""
 
 
 def expand_tags(
-    group_names: Iterable[str], class_names: Iterable[str], exclude: Iterable[str] = ()
+    group_names: Iterable[str],
+    class_names: Iterable[str],
+    exclude: Iterable[str] = (),
+    block_names: Iterable[str] = (),
 ) -> set[str]:
-    """Concrete tag names of TAGS for the given optimizer groups and classes, minus `exclude`."""
+    """Concrete tag names of TAGS for the given optimizer groups, classes and model blocks (encoder, decoder,
+    ...: step.parameter_blocks), minus `exclude`."""
     out: set[str] = set()
     for tag in TAGS:
         if tag == "train/lr/<group>":
             out.update(f"train/lr/{g}" for g in group_names)
+        elif tag == "train/grad_norm/<block>":
+            out.update(f"train/grad_norm/{b}" for b in block_names)
         elif tag == "val/iou/<class name>":
             out.update(f"val/iou/{c}" for c in class_names)
         else:

@@ -5,13 +5,20 @@ the batching; early stopping through fit()."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import shared_dataset
 
-from dist_seg.config.schema import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedConfig
+from dist_seg.config.schema import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    SchedConfig,
+)
 from dist_seg.data.loading.eval_loader import build_eval_loader
 from dist_seg.data.prep.convert import ConvertOptions, convert
 from dist_seg.infer.scoring import compute_confusion
@@ -19,7 +26,7 @@ from dist_seg.models import build_model, input_constraints
 from dist_seg.train.losses import build_loss
 from dist_seg.train.optim import build_optimizer, build_scheduler
 from dist_seg.train.state import StepSchedule, TrainState
-from dist_seg.train.step import StepContext, StepOutput, train_step
+from dist_seg.train.step import StepContext, StepOutput, parameter_blocks, train_step
 
 
 def _out(nonfinite_loss: bool = False) -> StepOutput:
@@ -140,6 +147,54 @@ def test_skipped_fp16_step_moves_the_scale_like_native_gradscaler(monkeypatch: p
         native_scales.append(scaler.get_scale())
     assert native_scales == [1024.0, 512.0, 512.0]
     assert step_scales == native_scales
+
+
+def test_block_gradient_norms_are_each_blocks_norm_before_clipping() -> None:
+    """train/grad_norm/<block>: per top-level block of the model, the norm of its gradients as the backward
+    left them (before clipping), against float64 norms of the same float32 gradients; their root-sum-square
+    is the global norm. Tolerance: float32 sums of n squares in any order are within n*u relative (Higham's
+    gamma_n, u = 2^-24), the square root halves that; n is the block's element count. A norm taken after
+    clipping (here to 1e-3, every block's norm is above 1e-2), of the wrong parameters or squared misses by
+    far more. A frozen block has no entry."""
+    ctx = _tiny_ctx("off")
+    ctx.clip_grad = 1e-3
+    model = ctx.model
+    for p in model.fc7.parameters():
+        p.requires_grad_(False)
+    ctx.params = [p for p in model.parameters() if p.requires_grad]
+    ctx.blocks = parameter_blocks(DistributedDataParallelLike(model))
+    seen: dict[int, torch.Tensor] = {}  # the gradients as the backward leaves them, before any clipping
+    for p in ctx.params:
+        p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(id(p), p.grad.detach().clone()))
+    batch = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))]
+
+    out = train_step(ctx, batch, 1)
+
+    names = [name for name, _ in ctx.blocks]
+    assert names == ["encoder", "fc6", "classifier", "decoder"]  # model order, fc7 frozen
+    got = out.block_grad_norms.tolist()
+    u = 2.0**-24
+    sizes = []
+    for (name, params), g in zip(ctx.blocks, got, strict=True):
+        assert {id(p) for p in params} == {
+            id(p) for n, p in model.named_parameters() if n.startswith(name + ".")
+        }
+        grads = [seen[id(p)].double() for p in params]
+        want = float(sum((x * x).sum() for x in grads).sqrt())
+        n = sum(x.numel() for x in grads)
+        sizes.append(n)
+        assert want > 1e-2, (name, want)  # so clipping to 1e-3 scaled this block down
+        assert abs(g - want) <= (n * u / 2 + u) * want, (name, g, want)
+    total = float(out.grad_norm)
+    assert abs(math.sqrt(sum(g * g for g in got)) - total) <= (sum(sizes) * u + 2 * u) * total
+
+
+class DistributedDataParallelLike(torch.nn.Module):
+    """A wrapper with the model at `.module`, as DDP holds it: blocks are named inside it."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
 
 
 # ---------------------------------------------------------------- compute_confusion

@@ -76,10 +76,13 @@ def test_purge_step_hides_steps_of_the_crashed_run(tmp_path):
 
 
 def test_tag_catalogue_expands():
-    tags = expand_tags(["encoder", "decoder"], ["bg", "Paper"], exclude=["train/gpu_mem_peak_gb"])
+    tags = expand_tags(
+        ["encoder", "decoder"], ["bg", "Paper"], ["train/gpu_mem_peak_gb"], ["encoder", "fc6", "decoder"]
+    )
     assert {"train/lr/encoder", "train/lr/decoder", "val/iou/Paper", "val/miou", "config"} <= tags
+    assert {"train/grad_norm/encoder", "train/grad_norm/fc6", "train/grad_norm/decoder"} <= tags
     assert "train/gpu_mem_peak_gb" not in tags and not any("<" in t for t in tags)
-    assert len(tags) == len(TAGS) - 2 - 1 + 4
+    assert len(tags) == len(TAGS) - 3 - 1 + 2 + 2 + 3
 
 
 def test_reader_names_missing_dir(tmp_path):
