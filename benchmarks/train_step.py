@@ -10,8 +10,8 @@ workers, pinned memory, side-stream prefetch, colour on the device) with its dat
 syncs of one training step counted by CUDA's sync debug mode.
 
 Overhead: the same model, batch, precision and in-memory data go through (a) a bare loop (autocast forward,
-cross-entropy, backward, optimizer step) and (b) dist_seg's train_step (which adds the gradient-norm
-computation, the non-finite check, the scheduler and the GradScaler plumbing). The two are interleaved step by
+cross-entropy, backward, optimizer step) and (b) dist_seg's train_step (which adds the gradient norms,
+global and per model block, the non-finite check, the scheduler and the GradScaler plumbing). The two are interleaved step by
 step and compared by median step time. Last line: `overhead=X.XX` (train_step time / bare time).
 """
 
@@ -37,7 +37,7 @@ from dist_seg.runtime import distributed as D  # noqa: E402
 from dist_seg.runtime.precision import AMP_DTYPES, autocast  # noqa: E402
 from dist_seg.train.losses import build_loss  # noqa: E402
 from dist_seg.train.optim import build_optimizer, build_scheduler  # noqa: E402
-from dist_seg.train.step import StepContext, train_step  # noqa: E402
+from dist_seg.train.step import StepContext, parameter_blocks, train_step  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, for the model-FLOPs utilisation
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -65,6 +65,7 @@ def ctx_for(model, opt, amp: str, device: torch.device, classes: int) -> StepCon
         None,
         5,
         [p for p in model.parameters() if p.requires_grad],
+        blocks=parameter_blocks(model),  # as the trainer's loop builds it: per-block gradient norms
     )
 
 

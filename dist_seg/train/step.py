@@ -37,10 +37,10 @@ class StepContext:
     clip_grad: float | None
     max_nonfinite: int
     params: list[nn.Parameter] = field(default_factory=list)  # the ones that train: clipped together
-    # (name, its trainable parameters) per top-level block of the model: train/grad_norm/<block>
-    blocks: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
     ema: WeightEMA | None = None  # train.ema_decay: moved after every step that updated the weights
     stop: StopRequest | None = None  # set by a stop signal; every rank learns of it at the next step
+    # (name, its trainable parameters) per top-level block of the model: train/grad_norm/<block>
+    blocks: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
 
 
 @dataclass
