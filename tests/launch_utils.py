@@ -11,6 +11,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The venv these tests run in, for launch scripts' DIST_SEG_VENV (their set-up is then a no-op). sys.prefix,
+# not Path(sys.executable).resolve(): a venv's python is a symlink to the base interpreter, so resolving it
+# names the base installation, and launch/_setup.sh would install dist_seg there (editable, from whichever
+# checkout ran first) and the scripts would run that copy's console commands.
+THIS_VENV = sys.prefix
+
+
+def setup_used_this_venv(output: str) -> bool:
+    """Whether a launch script's output says its set-up found THIS_VENV ready (and so used it)."""
+    return f"[setup] {THIS_VENV} is up to date" in output
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from launch_utils import REPO
+from launch_utils import REPO, THIS_VENV, setup_used_this_venv
 
 from dist_seg.checkpoint import load_checkpoint
 from dist_seg.data.format.manifest import read_manifest
@@ -18,9 +17,7 @@ from dist_seg.data.format.manifest import read_manifest
 def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     env = {
         **os.environ,
-        "DIST_SEG_VENV": str(
-            Path(sys.executable).resolve().parents[1]
-        ),  # this test's venv: set-up is a no-op
+        "DIST_SEG_VENV": THIS_VENV,  # this test's venv: set-up is a no-op
         "DEMO_DATA": str(tmp_path / "data"),
         "DEMO_RUN": str(tmp_path / "run"),
         "DEMO_IMAGES": "8",
@@ -37,6 +34,7 @@ def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert setup_used_this_venv(r.stdout), r.stdout[:500]  # not a copy installed elsewhere
     assert "final val mIoU" in r.stdout and "Plastic bag" in r.stdout
     assert f"tensorboard --logdir {tmp_path / 'run'}" in r.stdout
     synth = tmp_path / "data" / "synth-8-4-224"

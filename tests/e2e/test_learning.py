@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_utils import REPO
+from launch_utils import REPO, THIS_VENV, setup_used_this_venv
 
 from dist_seg.data.prep.convert import ConvertOptions, convert
 from dist_seg.data.prep.synth.dataset import generate
@@ -68,7 +68,7 @@ def test_the_demo_trains_deconvnet_to_its_floor(tmp_path: Path) -> None:
     env = {
         **os.environ,
         # this test's venv: the script's set-up is a no-op
-        "DIST_SEG_VENV": str(Path(sys.executable).resolve().parents[1]),
+        "DIST_SEG_VENV": THIS_VENV,
         "DEMO_DATA": str(tmp_path / "data"),
         "DEMO_RUN": str(tmp_path / "run"),
         "DEMO_NPROC": "2",  # the CPU shape the floor was measured in, also on a machine with GPUs
@@ -78,6 +78,7 @@ def test_the_demo_trains_deconvnet_to_its_floor(tmp_path: Path) -> None:
     cmd = ["bash", str(REPO / "launch/demo.sh")]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert setup_used_this_venv(r.stdout), r.stdout[:500]  # not a copy installed elsewhere
     assert "training on 2 processes" in r.stdout
     assert "decoder, classifier, aux" in r.stdout  # the optimizer's table: the auxiliary head trains
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

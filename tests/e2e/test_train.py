@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_utils import REPO, free_port, torchrun
+from launch_utils import REPO, THIS_VENV, free_port, setup_used_this_venv, torchrun
 
 from dist_seg.checkpoint import load_checkpoint
 from dist_seg.config.schema import ModelConfig
@@ -163,7 +163,7 @@ def test_two_torchrun_agents_train_together_like_two_nodes(trash_shards, tmp_pat
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "DIST_SEG_VENV": str(Path(sys.executable).resolve().parents[1]),  # this venv: set-up is a no-op
+        "DIST_SEG_VENV": THIS_VENV,  # this venv: set-up is a no-op
         "NNODES": "2",
         "NPROC_PER_NODE": "1",
         "MASTER_ADDR": "127.0.0.1",
@@ -188,6 +188,7 @@ def test_two_torchrun_agents_train_together_like_two_nodes(trash_shards, tmp_pat
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (o, e) in zip(procs, outs, strict=True):
         assert p.returncode == 0, o[-2000:] + e[-3000:]
+        assert setup_used_this_venv(o), o[:500]
     joined = "".join(o for o, _ in outs)
     assert "2 process(es)" in joined and "final val mIoU" in joined
     assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["step"] == 4
@@ -196,7 +197,7 @@ def test_two_torchrun_agents_train_together_like_two_nodes(trash_shards, tmp_pat
 @pytest.mark.slow
 def test_launch_train_script(trash_shards, tmp_path: Path) -> None:
     """launch/train.sh as the README shows it: all local GPUs, or 2 gloo processes on a CPU machine."""
-    env = {**os.environ, "DIST_SEG_VENV": str(Path(sys.executable).resolve().parents[1]), "NPROC": "2"}
+    env = {**os.environ, "DIST_SEG_VENV": THIS_VENV, "NPROC": "2"}
     args = [
         str(REPO / "configs/cpu_small.yaml"),
         f"data.train_shards={trash_shards[0]}",
@@ -214,4 +215,5 @@ def test_launch_train_script(trash_shards, tmp_path: Path) -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert setup_used_this_venv(r.stdout), r.stdout[:500]
     assert "2 process(es) on cpu" in r.stdout and (tmp_path / "run" / "last.pt").is_file()
