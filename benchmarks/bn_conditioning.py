@@ -30,6 +30,7 @@ from dist_seg.checkpoint import load_for_inference
 from dist_seg.config.loading import load_config
 from dist_seg.data.loading.train_loader import build_train_loader
 from dist_seg.models import build_model
+from dist_seg.runtime.distributed import merge_moments
 
 
 def one_pass_var(x: Tensor) -> Tensor:
@@ -41,15 +42,15 @@ def one_pass_var(x: Tensor) -> Tensor:
 
 
 def two_pass_var(x: Tensor, ranks: int) -> Tensor:
-    """The variance as CpuSyncBatchNorm computes it: per-rank float32 var_mean, moments merged in float64."""
+    """The variance as CpuSyncBatchNorm computes it: per-rank float32 var_mean, merged by its merge_moments."""
     dims = [d for d in range(x.dim()) if d != 1]
-    parts = [torch.var_mean(p.float(), dim=dims, correction=0) for p in x.chunk(ranks)]
-    counts = torch.tensor([p.numel() // x.shape[1] for p in x.chunk(ranks)], dtype=torch.float64)[:, None]
-    means = torch.stack([m.double() for _, m in parts])
-    m2s = torch.stack([v.double() for v, _ in parts]) * counts
-    n = counts.sum()
-    mean = (counts * means).sum(0) / n
-    return (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
+    parts = [
+        (p.numel() // x.shape[1], *torch.var_mean(p.float(), dim=dims, correction=0)) for p in x.chunk(ranks)
+    ]
+    counts = torch.tensor([[float(n)] for n, _, _ in parts], dtype=torch.float64)
+    means = torch.stack([m.double() for _, _, m in parts])
+    m2s = torch.stack([v.double() for _, v, _ in parts]) * counts
+    return merge_moments(counts, means, m2s)[2]
 
 
 def main() -> None:

@@ -180,6 +180,19 @@ def broadcast_buffers_(module: nn.Module, src: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- SyncBatchNorm
+def merge_moments(
+    counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The count, mean and (biased) variance of a union of parts, from each part's count [parts, 1], mean and
+    centred sum of squares M2 [parts, C] (Chan et al.'s parallel-variance formula; float64 in, float64 out).
+    CpuSyncBatchNorm combines its ranks' statistics with it."""
+    n = counts.sum()
+    mean = (counts * means).sum(0) / n
+    # M2 of the union = sum of per-part M2 + sum of n_r * (mean_r - mean)^2: no cancellation
+    var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
+    return n, mean, var
+
+
 class _CpuSyncBNFunction(torch.autograd.Function):
     """Batch norm whose statistics and input gradients span all ranks; the same math as torch's SyncBatchNorm.
 
@@ -210,11 +223,7 @@ class _CpuSyncBNFunction(torch.autograd.Function):
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine)
         per_rank = torch.stack(gathered)  # [world, 1 + 2c]
-        counts, means, m2s = per_rank[:, :1], per_rank[:, 1 : 1 + c], per_rank[:, 1 + c :]
-        n = counts.sum()
-        mean = (counts * means).sum(0) / n
-        # M2 of the union = sum of per-rank M2 + sum of n_r * (mean_r - mean)^2: no cancellation
-        var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
+        n, mean, var = merge_moments(per_rank[:, :1], per_rank[:, 1 : 1 + c], per_rank[:, 1 + c :])
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
             unbiased = var * n / (n - 1).clamp_min(1)

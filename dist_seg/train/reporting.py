@@ -139,7 +139,7 @@ class TrainMeter:
                         torch.tensor(float(w.remote_retries), dtype=torch.float64, device=device),
                     ]
                 ),
-                blocks.to(device),
+                blocks,
             ]
         )
         loss_sum, grad_sum, skipped_sum, retries_sum, *block_sums = D.sum_across_ranks(sums)

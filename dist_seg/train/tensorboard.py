@@ -41,8 +41,7 @@ TAGS: dict[str, str] = {
     "config": "text: the resolved config (YAML)",
 }
 """The stable tags the training loop writes; `<...>` parts are filled in per optimizer group / model block /
-class. With a
-weight EMA (train.ema_decay) its evaluation's scalars go under val_ema/ beside val/."""
+class. With a weight EMA (train.ema_decay) its evaluation's scalars go under val_ema/ beside val/."""
 
 
 def expand_tags(

@@ -162,7 +162,7 @@ def test_block_gradient_norms_are_each_blocks_norm_before_clipping() -> None:
     for p in model.fc7.parameters():
         p.requires_grad_(False)
     ctx.params = [p for p in model.parameters() if p.requires_grad]
-    ctx.blocks = parameter_blocks(DistributedDataParallelLike(model))
+    ctx.blocks = parameter_blocks(model)  # inside DDP: tests/e2e/test_train.py's tags
     seen: dict[int, torch.Tensor] = {}  # the gradients as the backward leaves them, before any clipping
     for p in ctx.params:
         p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(id(p), p.grad.detach().clone()))
@@ -187,14 +187,6 @@ def test_block_gradient_norms_are_each_blocks_norm_before_clipping() -> None:
         assert abs(g - want) <= (n * u / 2 + u) * want, (name, g, want)
     total = float(out.grad_norm)
     assert abs(math.sqrt(sum(g * g for g in got)) - total) <= (sum(sizes) * u + 2 * u) * total
-
-
-class DistributedDataParallelLike(torch.nn.Module):
-    """A wrapper with the model at `.module`, as DDP holds it: blocks are named inside it."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
 
 
 # ---------------------------------------------------------------- compute_confusion
